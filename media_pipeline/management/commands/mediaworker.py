@@ -1,0 +1,33 @@
+import asyncio
+import logging
+import signal
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from media_pipeline.worker import MediaWorker
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Run a media worker: it owns WebRTC peers and their pipelines for the sessions placed on it."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--capacity", type=int, default=settings.SCOPE_WORKER_CAPACITY,
+                            help="concurrent sessions this worker takes (default: SCOPE_WORKER_CAPACITY)")
+
+    def handle(self, *args, capacity: int, **options) -> None:
+        asyncio.run(self._serve(capacity))
+
+    async def _serve(self, capacity: int) -> None:
+        worker = MediaWorker(capacity=capacity)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await worker.start()
+        try:
+            await stopping.wait()
+        finally:
+            await worker.stop()

@@ -1,0 +1,347 @@
+"""Torch video pipelines, their registry, and the per-session frame processor.
+
+A pipeline is a ``torch.nn.Module`` mapping uint8 RGB frames ``(N, 3, H, W)``
+to frames of the same dtype and shape. Built-ins live here; more come from the
+``scope.pipelines`` entry point group.
+"""
+
+import functools
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Final, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sessions_app.errors import INVALID_MESSAGE, ScopeError
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP: Final = "scope.pipelines"
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One tunable parameter of a pipeline, as a client may set it."""
+
+    name: str
+    kind: Literal["int", "float", "bool", "choice"]
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    label: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as JSON-ready data, for clients that build controls from it."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "default": self.default,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "choices": list(self.choices),
+            "label": self.label,
+        }
+
+
+class Pipeline(torch.nn.Module):
+    """Base of all pipelines; ``values`` holds the current parameter values."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    parameter_specs: ClassVar[tuple[ParameterSpec, ...]] = ()
+
+    def __init__(self, **parameters: Any) -> None:
+        super().__init__()
+        # Not ``self.parameters``: that name is nn.Module's tensor iterator.
+        self.values: dict[str, Any] = {spec.name: spec.default for spec in self.parameter_specs}
+        self.update(**parameters)
+
+    def update(self, **parameters: Any) -> None:
+        """Change parameters live; values are expected to be validated already."""
+        unknown = parameters.keys() - self.values.keys()
+        if unknown:
+            raise TypeError(f"pipeline {self.name!r} has no parameters {sorted(unknown)}")
+        self.values.update(parameters)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """Transform uint8 ``(N, 3, H, W)`` RGB frames into frames of the same dtype and shape."""
+        raise NotImplementedError
+
+
+def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    return frames.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _luma(frames: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma of uint8 RGB frames, as float ``(N, 1, H, W)`` in 0..255."""
+    x = frames.float()
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+class PassthroughPipeline(Pipeline):
+    """Returns frames unchanged."""
+
+    name = "passthrough"
+    label = "Passthrough"
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames
+
+
+class InvertPipeline(Pipeline):
+    """Photographic negative."""
+
+    name = "invert"
+    label = "Invert colors"
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return 255 - frames
+
+
+class GrayscalePipeline(Pipeline):
+    """BT.601 luma on all three channels."""
+
+    name = "grayscale"
+    label = "Grayscale"
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        # expand() is a view; whoever needs dense memory materializes it once.
+        return _to_uint8(_luma(frames)).expand(-1, 3, -1, -1)
+
+
+class EdgesPipeline(Pipeline):
+    """Sobel gradient magnitude of the luma, in gray."""
+
+    name = "edges"
+    label = "Edge detection"
+    parameter_specs = (
+        ParameterSpec("strength", "float", 1.0, minimum=0.1, maximum=10.0, label="Edge strength"),
+    )
+
+    def __init__(self, **parameters: Any) -> None:
+        super().__init__(**parameters)
+        gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        # Divided by 4 so that a full black-to-white step reads 255 at strength 1.
+        self.register_buffer("sobel", torch.stack([gx, gx.T]).unsqueeze(1) / 4, persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        # Replicated borders keep the frame edge itself from reading as an edge.
+        luma = F.pad(_luma(frames), (1, 1, 1, 1), mode="replicate")
+        gradient = F.conv2d(luma, self.sobel)
+        magnitude = torch.hypot(gradient[:, 0:1], gradient[:, 1:2]) * self.values["strength"]
+        return _to_uint8(magnitude).expand(-1, 3, -1, -1)
+
+
+def _gaussian_row(radius: int) -> torch.Tensor:
+    """Normalized Gaussian taps over ``-radius..radius``, shaped ``(3, 1, 1, 2r+1)`` for conv2d."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    # sigma = radius/2 puts the kernel's ends at two sigma; radius 0 yields the single tap [1].
+    sigma = max(radius, 1) / 2
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (taps / taps.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+
+
+class BlurPipeline(Pipeline):
+    """Separable Gaussian blur."""
+
+    name = "blur"
+    label = "Blur"
+    parameter_specs = (
+        ParameterSpec("radius", "int", 2, minimum=0, maximum=15, label="Blur radius (pixels)"),
+    )
+
+    def update(self, **parameters: Any) -> None:
+        super().update(**parameters)
+        # Rebuild on the device the module already lives on (CPU during __init__).
+        current = getattr(self, "kernel", None)
+        device = current.device if current is not None else torch.device("cpu")
+        self.register_buffer("kernel", _gaussian_row(self.values["radius"]).to(device), persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        radius = self.values["radius"]
+        if radius == 0:
+            return frames
+        # Replicate, not reflect: reflect fails on frames smaller than the kernel.
+        x = F.pad(frames.float(), (radius, radius, radius, radius), mode="replicate")
+        # pad() returns NCHW; channels-last is the frames' own layout and ~3x faster for these convs on CPU.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = F.conv2d(x, self.kernel, groups=3)
+        x = F.conv2d(x, self.kernel.transpose(2, 3), groups=3)
+        return _to_uint8(x)
+
+
+_BUILTINS: Final[tuple[type[Pipeline], ...]] = (
+    PassthroughPipeline,
+    InvertPipeline,
+    GrayscalePipeline,
+    EdgesPipeline,
+    BlurPipeline,
+)
+
+
+@functools.cache
+def _registry() -> dict[str, type[Pipeline]]:
+    registry = {cls.name: cls for cls in _BUILTINS}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        # A broken plugin must not take the worker down with it.
+        try:
+            loaded = entry_point.load()
+        except Exception:
+            logger.exception("Skipping pipeline entry point %r: it failed to load", entry_point.name)
+            continue
+        if not (
+            isinstance(loaded, type)
+            and issubclass(loaded, Pipeline)
+            and isinstance(getattr(loaded, "name", None), str)
+        ):
+            logger.error("Skipping pipeline entry point %r: not a named Pipeline subclass", entry_point.name)
+            continue
+        if loaded.name in registry:
+            logger.error("Skipping pipeline entry point %r: name %r is taken", entry_point.name, loaded.name)
+            continue
+        registry[loaded.name] = loaded
+    return registry
+
+
+_registry_lock = threading.Lock()
+
+
+def available_pipelines() -> dict[str, type[Pipeline]]:
+    """Registered pipelines by name: built-ins, then entry points (loaded once)."""
+    # The lock keeps two threads' first calls from loading every plugin twice.
+    with _registry_lock:
+        return dict(_registry())
+
+
+def _invalid(message: str) -> ScopeError:
+    return ScopeError(INVALID_MESSAGE, message)
+
+
+def _checked(spec: ParameterSpec, value: Any) -> Any:
+    """``value`` as the spec's kind, or ScopeError naming the parameter."""
+    key = repr(spec.name)
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _invalid(f"{key} must be true or false, not {type(value).__name__}")
+        return value
+    if spec.kind == "choice":
+        if not isinstance(value, str) or value not in spec.choices:
+            raise _invalid(f"{key} must be one of: {', '.join(spec.choices)}")
+        return value
+    # bool is an int subclass, but true/false for a number is a client bug.
+    numeric, wanted = ((int,), "an integer") if spec.kind == "int" else ((int, float), "a number")
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise _invalid(f"{key} must be {wanted}, not {type(value).__name__}")
+    if spec.kind == "float":
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise _invalid(f"{key} must be a finite number")
+    if spec.minimum is not None and value < spec.minimum:
+        raise _invalid(f"{key} must be at least {spec.minimum}, got {value}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise _invalid(f"{key} must be at most {spec.maximum}, got {value}")
+    return value
+
+
+def validate_parameters(raw: Any, *, default_pipeline: str) -> tuple[str, dict[str, Any]]:
+    """Check a client's parameters; return the pipeline name and its full parameter dict."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _invalid("parameters must be an object")
+    pipelines = available_pipelines()
+    name = raw.get("pipeline", default_pipeline)
+    # Membership is tested only on str so an unhashable value cannot raise TypeError.
+    if not isinstance(name, str) or name not in pipelines:
+        raise _invalid(f"'pipeline' must be one of: {', '.join(sorted(pipelines))}")
+    specs = {spec.name: spec for spec in pipelines[name].parameter_specs}
+    values = {spec_name: spec.default for spec_name, spec in specs.items()}
+    for key, value in raw.items():
+        if key == "pipeline":
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            raise _invalid(f"pipeline {name!r} has no parameter {key!r}")
+        values[key] = _checked(spec, value)
+    return name, values
+
+
+def pick_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class FrameProcessor:
+    """Runs one session's pipeline on one device. Called from a worker thread, never the event loop."""
+
+    def __init__(self, pipeline: str, parameters: dict[str, Any], device: torch.device) -> None:
+        self._device = device
+        self._lock = threading.Lock()
+        self._name = pipeline
+        self._pipeline: Pipeline | None = self._build(pipeline, parameters)
+        # Pinned host copy of the last frame's shape, reused so each frame is not a fresh pinned allocation.
+        self._staging: torch.Tensor | None = None
+
+    def _build(self, name: str, parameters: dict[str, Any]) -> Pipeline:
+        cls = available_pipelines().get(name)
+        if cls is None:
+            raise ValueError(f"unknown pipeline {name!r}")
+        return cls(**parameters).to(self._device).eval()
+
+    def _open_pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("frame processor is closed")
+        return self._pipeline
+
+    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(rgb)
+        if self._device.type == "cuda":
+            if self._staging is None or self._staging.shape != host.shape:
+                self._staging = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+            self._staging.copy_(host)
+            # Safe to overwrite next frame: process() ends with a blocking copy back on the same stream.
+            host = self._staging.to(self._device, non_blocking=True)
+        return host.permute(2, 0, 1).unsqueeze(0)
+
+    def process(self, rgb: np.ndarray) -> np.ndarray:
+        """Run the pipeline on one ``H x W x 3`` uint8 RGB frame; returns a C-contiguous frame."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.dtype} {rgb.shape}")
+        with self._lock:
+            pipeline = self._open_pipeline()
+            if isinstance(pipeline, PassthroughPipeline):
+                # Copies only when the decoder padded its rows.
+                return np.ascontiguousarray(rgb)
+            with torch.inference_mode():
+                out = pipeline(self._upload(rgb))
+                # Made dense on the device, so the copy back is one contiguous transfer.
+                return out[0].permute(1, 2, 0).contiguous().cpu().numpy()
+
+    def set_parameters(self, pipeline: str, parameters: dict[str, Any]) -> None:
+        """Switch to ``pipeline`` or, when it is the current one, update it in place."""
+        with self._lock:
+            current = self._open_pipeline()
+            if pipeline == self._name:
+                current.update(**parameters)
+            else:
+                self._pipeline = self._build(pipeline, parameters)
+                self._name = pipeline
+
+    def close(self) -> None:
+        """Drop the pipeline and buffers; later calls to process() raise RuntimeError."""
+        with self._lock:
+            if self._pipeline is None:
+                return
+            self._pipeline = None
+            self._staging = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()

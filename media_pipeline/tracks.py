@@ -1,0 +1,74 @@
+"""The processed video track a worker sends back to the client."""
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from .pipelines import FrameProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineTrack(MediaStreamTrack):
+    """Runs each incoming frame through a session's pipeline, latest frame wins.
+
+    A reader task keeps only the newest decoded frame; ``recv`` processes that
+    one on the pipeline thread. When the pipeline is slower than the camera,
+    older frames are dropped instead of queued, so latency stays bounded.
+    """
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, processor: FrameProcessor, executor: Executor) -> None:
+        super().__init__()
+        self._source = source
+        self._processor = processor
+        self._executor = executor
+        self._latest: VideoFrame | None = None
+        self._frame_ready = asyncio.Event()
+        self._source_ended = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self._reader = asyncio.create_task(self._read_source(), name=f"pipeline-reader-{self.id}")
+
+    async def _read_source(self) -> None:
+        try:
+            while True:
+                self._latest = await self._source.recv()
+                self.frames_in += 1
+                self._frame_ready.set()
+        except MediaStreamError:
+            pass
+        finally:
+            self._source_ended = True
+            self._frame_ready.set()
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._frame_ready.wait()
+        frame, self._latest = self._latest, None
+        self._frame_ready.clear()
+        if frame is None or self.readyState != "live":  # the source ended, or we were stopped
+            self.stop()
+            raise MediaStreamError
+        processed = await asyncio.get_running_loop().run_in_executor(self._executor, self._process, frame)
+        self.frames_out += 1
+        return processed
+
+    def _process(self, frame: VideoFrame) -> VideoFrame:
+        rgb = frame.to_ndarray(format="rgb24")
+        out = VideoFrame.from_ndarray(self._processor.process(rgb), format="rgb24")
+        out.pts = frame.pts
+        out.time_base = frame.time_base
+        return out
+
+    def stop(self) -> None:
+        super().stop()
+        self._frame_ready.set()  # wake a pending recv so it ends
+        self._reader.cancel()
+        self._source.stop()

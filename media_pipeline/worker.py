@@ -1,0 +1,382 @@
+"""The media worker: owns aiortc peer connections and their pipelines.
+
+It listens on its own channel-layer channel for ``peer.*`` messages (one
+handler each) and reports every state change through ``sessions_app.services``.
+The same class runs inside the web process (embedded) and as
+``manage.py mediaworker`` (scaled).
+"""
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import torch
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+
+from sessions_app import errors, services
+from sessions_app.errors import ScopeError
+from sessions_app.messages import PeerCandidate, PeerClose, PeerOffer, PeerParameters, SignalingAnswer, SignalingError
+from sessions_app.models import CloseReason, SessionEvent
+from sessions_app.services import FrameCounts, TeardownStep
+
+from .ice import enforce_ice_addresses
+from .parameters import apply_update
+from .pipelines import FrameProcessor, pick_device
+from .tracks import PipelineTrack
+
+logger = logging.getLogger(__name__)
+
+PEER_CLOSE_TIMEOUT_SECONDS = 1.0
+DB_CALL_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class PeerSession:
+    """What the worker holds for one session."""
+
+    session_id: str
+    pc: RTCPeerConnection
+    processor: FrameProcessor
+    files_dir: Path
+    pipeline: str
+    parameters: dict[str, Any]
+    track: PipelineTrack | None = None
+    deadline_timer: asyncio.TimerHandle | None = None
+    closing: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def frame_counts(self) -> FrameCounts:
+        if self.track is None:
+            return FrameCounts(frames_in=0, frames_out=0)
+        return FrameCounts(frames_in=self.track.frames_in, frames_out=self.track.frames_out)
+
+
+async def _db(func: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a service off the event loop, bounded."""
+    return await asyncio.wait_for(database_sync_to_async(func)(**kwargs), DB_CALL_TIMEOUT_SECONDS)
+
+
+class MediaWorker:
+    def __init__(self, *, capacity: int, device: torch.device | None = None) -> None:
+        self.capacity = capacity
+        self.device = device or pick_device()
+        self.channel_layer = get_channel_layer()
+        self.channel_name = ""
+        self.worker_id: int | None = None
+        self._peers: dict[str, PeerSession] = {}
+        self._session_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+        # Torch and codec work for every session on this device runs on this thread.
+        self._pipeline_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
+        self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "peer.offer": self.peer_offer,
+            "peer.candidate": self.peer_candidate,
+            "peer.parameters": self.peer_parameters,
+            "peer.close": self.peer_close,
+        }
+
+    @property
+    def peer_count(self) -> int:
+        return len(self._peers)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        enforce_ice_addresses(settings.SCOPE_ICE_ENFORCE_LIST)
+        self.channel_name = await self.channel_layer.new_channel("mediaworker.")
+        worker = await _db(
+            services.worker_register,
+            channel_name=self.channel_name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=str(self.device),
+            capacity=self.capacity,
+        )
+        self.worker_id = worker.pk
+        self._loops = [
+            asyncio.create_task(self._receive_loop(), name="mediaworker-receive"),
+            asyncio.create_task(self._heartbeat_loop(), name="mediaworker-heartbeat"),
+        ]
+        logger.info("media worker %s on %s, capacity %s, channel %s", self.worker_id, self.device,
+                    self.capacity, self.channel_name)
+
+    async def stop(self) -> None:
+        """Close every session this worker holds, then stop listening. Idempotent."""
+        for task in self._loops:
+            task.cancel()
+        for session_id in list(self._peers):
+            await self._close_for(session_id, CloseReason.SERVER_SHUTDOWN, "shutdown")
+            await self._teardown(session_id)
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        self._loops, self._tasks = [], set()
+        if self.worker_id is not None:
+            await _db(services.worker_retire, worker_id=self.worker_id)
+        self._pipeline_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.channel_layer.receive(self.channel_name)
+            handler = self._handlers.get(message.get("type", ""))
+            if handler is None:
+                logger.warning("media worker ignores message of type %r", message.get("type"))
+                continue
+            # Each message runs on its own task so a slow negotiation never
+            # holds up another session's close; per-session locks keep order.
+            self._spawn(handler(message), f"{message['type']}-{message.get('session_id', '')}")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(settings.SCOPE_HEARTBEAT_SECONDS)
+            try:
+                await self._report()
+            except Exception:
+                logger.exception("heartbeat failed")
+
+    async def _report(self) -> None:
+        await _db(
+            services.worker_heartbeat,
+            worker_id=self.worker_id,
+            peer_count=self.peer_count,
+            frames={sid: peer.frame_counts() for sid, peer in self._peers.items()},
+        )
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        return self._session_locks.setdefault(session_id, asyncio.Lock())
+
+    # --- peer.offer --------------------------------------------------------
+
+    async def peer_offer(self, message: PeerOffer) -> None:
+        session_id = message["session_id"]
+        async with self._lock(session_id):
+            try:
+                answer, deadline_at = await asyncio.wait_for(
+                    self._negotiate(message), settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS
+                )
+            except Exception as exc:
+                code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
+                if not isinstance(exc, ScopeError):
+                    logger.exception("negotiation of session %s failed", session_id)
+                reply: SignalingError = {
+                    "type": "signaling.error", "session_id": session_id, "code": code, "error": text,
+                    "request_id": message["request_id"],
+                }
+                await self.channel_layer.send(message["reply_channel"], reply)
+                await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
+                          by=f"worker:{self.worker_id}:negotiation")
+                return
+            if answer is None:
+                return  # the session was closed while negotiating; peer.close follows
+            self._arm_deadline(session_id, deadline_at)
+            response: SignalingAnswer = {
+                "type": "signaling.answer", "session_id": session_id, "sdp": answer.sdp, "sdp_type": answer.type,
+                "request_id": message["request_id"],
+            }
+            await self.channel_layer.send(message["reply_channel"], response)
+
+    async def _negotiate(self, message: PeerOffer) -> tuple[RTCSessionDescription | None, datetime | None]:
+        session_id = message["session_id"]
+        loop = asyncio.get_running_loop()
+        processor = await loop.run_in_executor(
+            self._pipeline_executor, FrameProcessor, message["pipeline"], message["parameters"], self.device
+        )
+        ice_servers = [RTCIceServer(**server) for server in settings.SCOPE_ICE_SERVERS]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers))
+        files_dir = Path(settings.SCOPE_SESSION_FILES_DIR) / session_id
+        peer = PeerSession(session_id=session_id, pc=pc, processor=processor, files_dir=files_dir,
+                           pipeline=message["pipeline"], parameters=message["parameters"])
+        self._peers[session_id] = peer
+        await asyncio.to_thread(self._write_session_files, peer, message["sdp"])
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "video" and peer.track is None:
+                peer.track = PipelineTrack(track, processor, self._pipeline_executor)
+                pc.addTrack(peer.track)
+
+        @pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            @channel.on("message")
+            def on_message(data) -> None:
+                self._spawn(self._datachannel_parameters(peer, channel, data), f"datachannel-{session_id}")
+
+        @pc.on("connectionstatechange")
+        def on_connection_state() -> None:
+            self._spawn(self._connection_state_changed(peer, pc.connectionState), f"state-{session_id}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=message["sdp"], type=message["sdp_type"]))
+        except Exception as exc:
+            raise ScopeError(errors.INVALID_SDP, f"The offer could not be applied: {exc}") from exc
+        if peer.track is None:
+            raise ScopeError(errors.INVALID_SDP, "The offer sends no video.")
+        await pc.setLocalDescription(await pc.createAnswer())
+        deadline_at = await _db(services.session_answered, session_id=session_id)
+        if deadline_at is None:
+            return None, None
+        return pc.localDescription, deadline_at
+
+    @staticmethod
+    def _write_session_files(peer: PeerSession, offer_sdp: str) -> None:
+        """The session's scratch directory; deleted as part of the close."""
+        peer.files_dir.mkdir(parents=True, exist_ok=True)
+        (peer.files_dir / "offer.sdp").write_text(offer_sdp)
+        (peer.files_dir / "parameters.json").write_text(json.dumps({"pipeline": peer.pipeline, **peer.parameters}))
+
+    def _arm_deadline(self, session_id: str, deadline_at: datetime) -> None:
+        """The worker enforces max duration itself: a timer, not a poll."""
+        peer = self._peers.get(session_id)
+        if peer is None:
+            return
+        delay = max(0.0, (deadline_at - timezone.now()).total_seconds())
+        peer.deadline_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._close_for(session_id, CloseReason.MAX_DURATION_EXCEEDED, "deadline"),
+                                       f"deadline-{session_id}")
+        )
+
+    async def _close_for(self, session_id: str, reason: str, cause: str) -> None:
+        await _db(services.session_close, session_id=session_id, reason=reason, by=f"worker:{self.worker_id}:{cause}")
+
+    async def _connection_state_changed(self, peer: PeerSession, state: str) -> None:
+        if peer.closing:
+            return
+        if state == "connected":
+            await _db(services.session_live, session_id=peer.session_id)
+        elif state in ("failed", "closed"):
+            await self._close_for(peer.session_id, CloseReason.PEER_FAILED, f"peer-{state}")
+
+    # --- peer.candidate / peer.parameters ------------------------------------
+
+    async def peer_candidate(self, message: PeerCandidate) -> None:
+        async with self._lock(message["session_id"]):
+            peer = self._peers.get(message["session_id"])
+            if peer is None or peer.closing:
+                return
+            raw = message["candidate"]
+            if raw is None or not raw.get("candidate"):
+                await peer.pc.addIceCandidate(None)
+                return
+            try:
+                candidate = candidate_from_sdp(raw["candidate"].removeprefix("candidate:"))
+                candidate.sdpMid = raw.get("sdpMid")
+                candidate.sdpMLineIndex = raw.get("sdpMLineIndex")
+                if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
+                    candidate.sdpMLineIndex = 0
+                await peer.pc.addIceCandidate(candidate)
+            except (AssertionError, ValueError, IndexError) as exc:
+                logger.info("session %s: ignored a malformed ICE candidate: %s", peer.session_id, exc)
+
+    async def peer_parameters(self, message: PeerParameters) -> None:
+        peer = self._peers.get(message["session_id"])
+        if peer is None or peer.closing:
+            return
+        params = dict(message["parameters"])
+        await self._apply_parameters(peer, params.pop("pipeline", peer.pipeline), params)
+
+    async def _apply_parameters(self, peer: PeerSession, pipeline: str, parameters: dict[str, Any]) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._pipeline_executor, peer.processor.set_parameters, pipeline, parameters
+        )
+        peer.pipeline, peer.parameters = pipeline, parameters
+
+    async def _datachannel_parameters(self, peer: PeerSession, channel, data: Any) -> None:
+        try:
+            update = json.loads(data) if isinstance(data, str) else None
+            if not isinstance(update, dict):
+                raise ScopeError(errors.INVALID_MESSAGE, "Parameters must be a JSON object.")
+            update.pop("type", None)
+            pipeline, parameters = apply_update(pipeline=peer.pipeline, parameters=peer.parameters, update=update)
+        except (ScopeError, json.JSONDecodeError) as exc:
+            code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else (errors.INVALID_MESSAGE, str(exc))
+            if channel.readyState == "open":
+                channel.send(json.dumps({"type": "error", "code": code, "error": text}))
+            return
+        await self._apply_parameters(peer, pipeline, parameters)
+        if channel.readyState == "open":
+            channel.send(json.dumps({"type": "parameters_ack", "pipeline": pipeline, **parameters}))
+        try:
+            await _db(services.session_set_parameters, session_id=peer.session_id, pipeline=pipeline,
+                      parameters=parameters, notify_worker=False)
+        except ScopeError:
+            pass  # the session is closing: nothing left to record
+
+    # --- peer.close --------------------------------------------------------
+
+    async def peer_close(self, message: PeerClose) -> None:
+        await self._teardown(message["session_id"])
+
+    async def _teardown(self, session_id: str) -> None:
+        """Stop tracks, close the peer, stop the pipeline, delete files, then mark closed."""
+        peer = self._peers.get(session_id)
+        if peer is not None:
+            peer.closing = True  # before the lock: a pending negotiation must not answer
+        async with self._lock(session_id):
+            peer = self._peers.pop(session_id, None)
+            steps: list[TeardownStep] = []
+            frames = None
+            if peer is not None:
+                steps = await self._release(peer)
+                frames = peer.frame_counts()
+            await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
+        self._session_locks.pop(session_id, None)
+        await self._report()
+
+    async def _release(self, peer: PeerSession) -> list[TeardownStep]:
+        steps: list[TeardownStep] = []
+        peer.closing = True
+        if peer.deadline_timer is not None:
+            peer.deadline_timer.cancel()
+        if peer.track is not None:
+            peer.track.stop()
+        try:
+            await asyncio.wait_for(peer.pc.close(), PEER_CLOSE_TIMEOUT_SECONDS)
+            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now()))
+        except asyncio.TimeoutError:
+            logger.warning("session %s: peer did not close within %ss", peer.session_id, PEER_CLOSE_TIMEOUT_SECONDS)
+            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), {"timed_out": True}))
+        freed = await asyncio.get_running_loop().run_in_executor(self._pipeline_executor, self._stop_pipeline, peer)
+        steps.append(TeardownStep(SessionEvent.Kind.PIPELINE_STOPPED, timezone.now(), freed))
+        removed = await asyncio.to_thread(self._remove_files, peer.files_dir)
+        steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(), {"files_removed": removed}))
+        return steps
+
+    def _stop_pipeline(self, peer: PeerSession) -> dict[str, Any]:
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        peer.processor.close()
+        if self.device.type != "cuda":
+            return {"device": str(self.device)}
+        return {"device": str(self.device), "gpu_bytes_freed": before - torch.cuda.memory_allocated(self.device)}
+
+    @staticmethod
+    def _remove_files(files_dir: Path) -> int:
+        if not files_dir.exists():
+            return 0
+        count = sum(1 for path in files_dir.rglob("*") if path.is_file())
+        shutil.rmtree(files_dir)
+        return count

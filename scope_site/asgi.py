@@ -1,0 +1,37 @@
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "scope_site.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from sessions_app.auth import TokenAuthMiddleware  # noqa: E402
+from sessions_app.routing import websocket_urlpatterns  # noqa: E402
+
+router = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+    }
+)
+
+
+class EmbeddedWorkerApplication:
+    """Starts the in-process media worker before the first connection is served."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        from media_pipeline import embedded
+
+        await embedded.ensure_started()
+        return await self.inner(scope, receive, send)
+
+
+application = EmbeddedWorkerApplication(router) if settings.SCOPE_EMBEDDED else router

@@ -1,0 +1,273 @@
+"""The signaling WebSocket, ``/ws/webrtc/``.
+
+One handler per client message type (``handle_<type>``) and per channel-layer
+message type (``signaling_answer``, ``session_ended``, …). All state lives in
+the database; this consumer only remembers which sessions its socket opened,
+and owns the timers it starts.
+"""
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any, Awaitable, Callable
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils import timezone
+
+from . import errors, selectors, services
+from .errors import CLOSE_CODES, CLOSE_MESSAGES, ScopeError
+from .messages import QUEUE_GROUP, QueueChanged, SessionEnded, SignalingAnswer, SignalingError
+from .models import CloseReason, StreamSession
+from .sdp import validate_offer
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_UNAUTHORIZED = 4003
+MAX_USER_ID_LENGTH = 128
+
+
+def _db(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    return database_sync_to_async(func)
+
+
+class SignalingConsumer(AsyncWebsocketConsumer):
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        self.connection_id = uuid.uuid4().hex
+        self.authorized = False
+        self.user_label = ""
+        # Open sessions of this socket, oldest first; the first is reserved at connect.
+        self.session_ids: list[str] = []
+        self.reserved_session_id: str | None = None
+        self.queued = False
+        self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.tasks: set[asyncio.Task] = set()
+        await self.accept()
+        allowed = self.user is not None and (self.user.is_authenticated or settings.SCOPE_ALLOW_ANONYMOUS)
+        if self.scope.get("auth_error") or not allowed:
+            await self._send_error(errors.UNAUTHORIZED, "Authentication required.")
+            await self.close(CLOSE_UNAUTHORIZED)
+            return
+        self.authorized = True
+        session = await _db(services.session_create)(
+            owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
+        )
+        self.reserved_session_id = str(session.pk)
+        self.session_ids.append(self.reserved_session_id)
+        await self._offer_slot()
+
+    async def disconnect(self, code: int) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        for task in self.tasks:
+            task.cancel()
+        if self.queued:
+            await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
+        if not self.authorized:
+            return
+        # Every session this socket created ends with it, even ones it lost track of.
+        for session_id in await _db(selectors.open_sessions_of_connection)(connection_id=self.connection_id):
+            await _db(services.session_close)(
+                session_id=session_id, reason=CloseReason.CLIENT_DISCONNECT, by=f"socket:{self.connection_id}"
+            )
+
+    # --- the ready gate ------------------------------------------------------
+
+    async def _offer_slot(self) -> None:
+        """Send ``ready`` once the reserved session holds a slot, else ``queued`` with its place."""
+        session_id = self.reserved_session_id
+        if session_id is None or session_id not in self.session_ids:
+            return
+        if await _db(services.session_place)(session_id=session_id):
+            if self.queued:
+                self.queued = False
+                await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
+            await self._send({"type": "ready", "connection_id": self.connection_id})
+            return
+        if not self.queued:
+            self.queued = True
+            await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
+            # A slot may have freed between the placement attempt and joining the group.
+            if await _db(services.session_place)(session_id=session_id):
+                return await self._offer_slot()
+        position = await _db(selectors.queue_position)(session_id=session_id)
+        await self._send({"type": "queued", "position": position})
+
+    async def queue_changed(self, message: QueueChanged) -> None:
+        if self.queued:
+            await self._offer_slot()
+
+    # --- client messages -----------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not self.authorized:
+            return
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > MAX_MESSAGE_BYTES:
+            await self.close(CLOSE_MESSAGE_TOO_BIG)
+            return
+        request_id = None
+        try:
+            if text_data is None:
+                raise ScopeError(errors.INVALID_MESSAGE, "Messages must be JSON text frames.")
+            try:
+                message = json.loads(text_data)
+            except json.JSONDecodeError as exc:
+                raise ScopeError(errors.INVALID_MESSAGE, f"Not JSON: {exc.msg}.") from exc
+            if not isinstance(message, dict):
+                raise ScopeError(errors.INVALID_MESSAGE, "A message must be a JSON object.")
+            request_id = message.get("request_id")
+            kind = message.get("type")
+            handler = getattr(self, f"handle_{kind}", None) if isinstance(kind, str) and kind.isidentifier() else None
+            if handler is None:
+                raise ScopeError(errors.INVALID_MESSAGE, f"Unknown message type {kind!r}.")
+            await handler(message, request_id)
+        except ScopeError as exc:
+            await self._send_error(exc.code, exc.message, request_id=request_id)
+
+    async def handle_ping(self, message: dict[str, Any], request_id: Any) -> None:
+        await self._send({"type": "pong"}, request_id)
+
+    async def handle_set_user_id(self, message: dict[str, Any], request_id: Any) -> None:
+        user_id = message.get("user_id")
+        if not isinstance(user_id, (str, int)) or len(str(user_id)) > MAX_USER_ID_LENGTH:
+            raise ScopeError(errors.INVALID_MESSAGE, "user_id must be a string of at most 128 characters.")
+        self.user_label = str(user_id)  # a label only: identity comes from authentication
+        await self._send({"type": "user_id_set", "user_id": self.user_label}, request_id)
+
+    async def handle_get_ice_servers(self, message: dict[str, Any], request_id: Any) -> None:
+        await self._send(
+            {"type": "ice_servers", "data": {"iceServers": settings.SCOPE_ICE_SERVERS}, "status": 200}, request_id
+        )
+
+    async def handle_offer(self, message: dict[str, Any], request_id: Any) -> None:
+        from media_pipeline.pipelines import validate_parameters
+
+        sdp = validate_offer(message.get("sdp"), message.get("sdp_type", "offer"))
+        pipeline, parameters = validate_parameters(
+            message.get("initialParameters"), default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
+        )
+        session_id = await self._session_for_offer()
+        session = await _db(services.session_offer)(
+            session_id=session_id, pipeline=pipeline, parameters=parameters, sdp=sdp, sdp_type="offer",
+            reply_channel=self.channel_name, request_id=request_id,
+        )
+        self._arm(session_id, "negotiation", settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS,
+                  CloseReason.ERROR, "negotiation-timeout")
+        delay = (session.deadline_at - timezone.now()).total_seconds()
+        self._arm(session_id, "deadline", delay, CloseReason.MAX_DURATION_EXCEEDED, "deadline")
+
+    async def _session_for_offer(self) -> str:
+        """The reserved session for the first offer; a newly placed one for each further offer."""
+        reserved = self.reserved_session_id
+        if reserved in self.session_ids:
+            if self.queued:
+                raise ScopeError(errors.NO_CAPACITY, "Still queued: wait for 'ready' before sending an offer.")
+            self.reserved_session_id = None
+            return reserved
+        if len(self.session_ids) >= settings.SCOPE_MAX_SESSIONS_PER_SOCKET:
+            raise ScopeError(
+                errors.NO_CAPACITY,
+                f"At most {settings.SCOPE_MAX_SESSIONS_PER_SOCKET} sessions per socket.",
+            )
+        session = await _db(services.session_create_placed)(
+            owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
+        )
+        self.session_ids.append(str(session.pk))
+        return str(session.pk)
+
+    async def handle_icecandidate(self, message: dict[str, Any], request_id: Any) -> None:
+        candidate = message.get("candidate")
+        if candidate is not None and not (isinstance(candidate, dict) and isinstance(candidate.get("candidate"), str)):
+            raise ScopeError(errors.INVALID_MESSAGE, "candidate must be null or an object with a 'candidate' string.")
+        session_id = self._own_session(message)
+        await _db(services.session_add_candidate)(session_id=session_id, candidate=candidate)
+        await self._send({"type": "icecandidate_ack", "status": "ok", "sessionId": session_id}, request_id)
+
+    async def handle_parameters(self, message: dict[str, Any], request_id: Any) -> None:
+        from media_pipeline.parameters import apply_update
+
+        session_id = self._own_session(message)
+        update = {k: v for k, v in message.items() if k not in ("type", "request_id", "sessionId")}
+        session = await _db(StreamSession.objects.get)(pk=session_id)
+        pipeline, parameters = apply_update(pipeline=session.pipeline, parameters=session.parameters, update=update)
+        await _db(services.session_set_parameters)(
+            session_id=session_id, pipeline=pipeline, parameters=parameters, notify_worker=True
+        )
+        await self._send({"type": "parameters_ack", "sessionId": session_id, "pipeline": pipeline, **parameters},
+                         request_id)
+
+    def _own_session(self, message: dict[str, Any]) -> str:
+        """The session a message names (default: this socket's newest offered one), if this socket owns it."""
+        session_id = message.get("sessionId")
+        if session_id is None:
+            offered = [sid for sid in self.session_ids if sid != self.reserved_session_id]
+            if not offered:
+                raise ScopeError(errors.UNKNOWN_SESSION, "No session on this socket yet: send an offer first.")
+            return offered[-1]
+        if not isinstance(session_id, str) or session_id not in self.session_ids:
+            raise ScopeError(errors.UNKNOWN_SESSION, f"No open session {session_id!r} on this socket.")
+        return session_id
+
+    # --- timers ----------------------------------------------------------------
+
+    def _arm(self, session_id: str, name: str, delay: float, reason: str, cause: str) -> None:
+        def fire() -> None:
+            self.timers.pop((session_id, name), None)
+            task = asyncio.ensure_future(
+                _db(services.session_close)(session_id=session_id, reason=reason, by=f"socket:{cause}")
+            )
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        self.timers[(session_id, name)] = asyncio.get_running_loop().call_later(max(0.0, delay), fire)
+
+    def _disarm(self, session_id: str, name: str) -> None:
+        timer = self.timers.pop((session_id, name), None)
+        if timer is not None:
+            timer.cancel()
+
+    # --- channel-layer messages -------------------------------------------------
+
+    async def signaling_answer(self, message: SignalingAnswer) -> None:
+        self._disarm(message["session_id"], "negotiation")
+        await self._send(
+            {"type": "answer", "sdp": message["sdp"], "sdp_type": message["sdp_type"],
+             "sessionId": message["session_id"]},
+            message["request_id"],
+        )
+
+    async def signaling_error(self, message: SignalingError) -> None:
+        self._disarm(message["session_id"], "negotiation")
+        await self._send_error(message["code"], message["error"], request_id=message["request_id"],
+                               session_id=message["session_id"])
+
+    async def session_ended(self, message: SessionEnded) -> None:
+        session_id, reason = message["session_id"], message["reason"]
+        if session_id not in self.session_ids:
+            return
+        self.session_ids.remove(session_id)
+        self._disarm(session_id, "negotiation")
+        self._disarm(session_id, "deadline")
+        await self._send_error(reason, CLOSE_MESSAGES.get(reason, reason), session_id=session_id)
+        code = CLOSE_CODES.get(reason)
+        if not self.session_ids and code is not None:
+            await self.close(code)
+
+    # --- sending -----------------------------------------------------------------
+
+    async def _send(self, payload: dict[str, Any], request_id: Any = None) -> None:
+        if request_id is not None:
+            payload["request_id"] = request_id
+        await self.send(text_data=json.dumps(payload))
+
+    async def _send_error(self, code: str, text: str, *, request_id: Any = None, session_id: str | None = None) -> None:
+        payload: dict[str, Any] = {"type": "error", "code": code, "error": text}
+        if session_id is not None:
+            payload["sessionId"] = session_id
+        await self._send(payload, request_id)

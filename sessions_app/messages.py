@@ -1,0 +1,70 @@
+"""Channel-layer messages: one TypedDict per ``type``, one handler each.
+
+``peer.*`` go to a media worker's channel; ``signaling.*`` and ``session.*``
+to a signaling consumer (or to a one-off reply channel for HTTP signaling).
+"""
+
+from typing import Any, Literal, TypedDict
+
+
+class PeerOffer(TypedDict):
+    type: Literal["peer.offer"]
+    session_id: str
+    sdp: str
+    sdp_type: str
+    pipeline: str
+    parameters: dict[str, Any]
+    reply_channel: str
+    request_id: Any
+
+
+class PeerCandidate(TypedDict):
+    type: Literal["peer.candidate"]
+    session_id: str
+    candidate: dict[str, Any] | None
+
+
+class PeerParameters(TypedDict):
+    type: Literal["peer.parameters"]
+    session_id: str
+    parameters: dict[str, Any]
+
+
+class PeerClose(TypedDict):
+    type: Literal["peer.close"]
+    session_id: str
+    reason: str
+
+
+class SignalingAnswer(TypedDict):
+    type: Literal["signaling.answer"]
+    session_id: str
+    sdp: str
+    sdp_type: str
+    request_id: Any
+
+
+class SignalingError(TypedDict):
+    type: Literal["signaling.error"]
+    session_id: str
+    code: str
+    error: str
+    request_id: Any
+
+
+class SessionEnded(TypedDict):
+    type: Literal["session.ended"]
+    session_id: str
+    reason: str
+
+
+class QueueChanged(TypedDict):
+    type: Literal["queue.changed"]
+
+
+QUEUE_GROUP = "scope.queue"
+
+
+def session_group(session_id: str) -> str:
+    """Group that hears when a session is closed (DELETE waits on it)."""
+    return f"scope.session.{session_id}"

@@ -1,0 +1,106 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Worker(models.Model):
+    class State(models.TextChoices):
+        ACTIVE = "active"
+        DRAINING = "draining"
+        GONE = "gone"
+
+    channel_name = models.CharField(max_length=200, unique=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    device = models.CharField(max_length=32)
+    capacity = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
+    heartbeat_at = models.DateTimeField()
+    # Peer connections the worker actually holds, as it last reported.
+    peer_count = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"worker {self.pk} ({self.host}:{self.pid}, {self.device})"
+
+
+class CloseReason(models.TextChoices):
+    CLIENT_DISCONNECT = "CLIENT_DISCONNECT"
+    MAX_DURATION_EXCEEDED = "MAX_DURATION_EXCEEDED"
+    SESSION_TERMINATED = "SESSION_TERMINATED"
+    PEER_FAILED = "PEER_FAILED"
+    WORKER_LOST = "WORKER_LOST"
+    SERVER_SHUTDOWN = "SERVER_SHUTDOWN"
+    IDLE_TIMEOUT = "IDLE_TIMEOUT"
+    SIGNALING_LOST = "SIGNALING_LOST"
+    ERROR = "ERROR"
+
+
+class StreamSession(models.Model):
+    class State(models.TextChoices):
+        WAITING = "waiting"
+        NEGOTIATING = "negotiating"
+        LIVE = "live"
+        CLOSING = "closing"
+        CLOSED = "closed"
+
+    OPEN_STATES = (State.WAITING, State.NEGOTIATING, State.LIVE)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="stream_sessions"
+    )
+    connection_id = models.CharField(max_length=64, blank=True, db_index=True)
+    signaling_channel = models.CharField(max_length=200, blank=True)
+    worker = models.ForeignKey(Worker, null=True, blank=True, on_delete=models.PROTECT, related_name="sessions")
+    pipeline = models.CharField(max_length=64, blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.WAITING, db_index=True)
+    close_reason = models.CharField(max_length=32, choices=CloseReason.choices, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    live_at = models.DateTimeField(null=True, blank=True)
+    closing_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    signaling_seen_at = models.DateTimeField(null=True, blank=True)
+    frames_in = models.PositiveBigIntegerField(default=0)
+    frames_out = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["worker", "state"])]
+
+    def __str__(self) -> str:
+        return f"session {self.pk} ({self.state})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in self.OPEN_STATES
+
+
+class SessionEvent(models.Model):
+    class Kind(models.TextChoices):
+        CREATED = "created"
+        PLACED = "placed"
+        ANSWERED = "answered"
+        LIVE = "live"
+        CLOSING = "closing"
+        PEER_CLOSED = "peer_closed"
+        PIPELINE_STOPPED = "pipeline_stopped"
+        CLEANED_UP = "cleaned_up"
+        CLOSED = "closed"
+
+    session = models.ForeignKey(StreamSession, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    at = models.DateTimeField()
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.at.isoformat()}"

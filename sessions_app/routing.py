@@ -1,0 +1,7 @@
+from django.urls import path
+
+from .consumers import SignalingConsumer
+
+websocket_urlpatterns = [
+    path("ws/webrtc/", SignalingConsumer.as_asgi()),
+]
