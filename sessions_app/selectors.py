@@ -2,8 +2,12 @@
 
 import uuid
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from . import errors
 from .errors import ScopeError
@@ -27,6 +31,27 @@ def session_for_user(*, session_id: str, user: AbstractBaseUser | AnonymousUser)
         return sessions_visible_to(user).get(pk=session_uuid)
     except (ValueError, StreamSession.DoesNotExist) as exc:
         raise ScopeError(errors.UNKNOWN_SESSION, f"No session {session_id}.") from exc
+
+
+def session_for_streamer(*, session_id: str, user: AbstractBaseUser | AnonymousUser) -> StreamSession:
+    """The session a streaming client may signal on.
+
+    A signed-in user gets their own (staff any). An anonymous client (only where
+    anonymous streaming is on) gets any ownerless session: its id, a random
+    UUID4 handed only to the client that made it, is the capability.
+    """
+    if user.is_authenticated:
+        return session_for_user(session_id=session_id, user=user)
+    try:
+        return StreamSession.objects.get(pk=uuid.UUID(str(session_id)), owner__isnull=True)
+    except (ValueError, StreamSession.DoesNotExist) as exc:
+        raise ScopeError(errors.UNKNOWN_SESSION, f"No session {session_id}.") from exc
+
+
+def live_workers() -> QuerySet[Worker]:
+    """Workers taking sessions: active, with a heartbeat within three intervals."""
+    fresh_after = timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
+    return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=fresh_after)
 
 
 def workers_with_load() -> QuerySet[Worker]:

@@ -17,7 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from . import errors
+from . import errors, selectors
 from .errors import ScopeError
 from .messages import (
     QUEUE_GROUP,
@@ -110,11 +110,6 @@ def session_create(
     return session
 
 
-def _live_workers():
-    fresh_after = timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
-    return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=fresh_after)
-
-
 @transaction.atomic
 def session_place(*, session_id: str) -> bool:
     """Hold a worker slot for a waiting session; False while none is free.
@@ -133,7 +128,7 @@ def session_place(*, session_id: str) -> bool:
     if ahead.exists():
         return False
     candidates = []
-    for worker in _live_workers().select_for_update().order_by("id"):
+    for worker in selectors.live_workers().select_for_update().order_by("id"):
         used = worker.sessions.exclude(state=StreamSession.State.CLOSED).count()
         if used < worker.capacity:
             candidates.append((used, worker.pk, worker))

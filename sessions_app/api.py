@@ -1,0 +1,162 @@
+"""REST API: HTTP signaling and operator reads. Writes go through ``services``, reads through ``selectors``."""
+
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.urls import reverse
+from rest_framework import mixins, status, viewsets
+from rest_framework.permissions import BasePermission, IsAdminUser, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from media_pipeline.pipelines import validate_parameters
+
+from . import channels_util, errors, selectors, services
+from .api_errors import NegotiationTimeout
+from .errors import ScopeError
+from .messages import session_group
+from .models import CloseReason, StreamSession
+from .sdp import validate_offer
+from .serializers import (
+    CandidatesInputSerializer,
+    OfferInputSerializer,
+    StreamSessionDetailSerializer,
+    StreamSessionSerializer,
+    WorkerSerializer,
+)
+
+# Every id reaches the selectors, so a malformed one reads UNKNOWN_SESSION like any other.
+ANY_SESSION_ID = r"[^/]+"
+
+
+class StreamingAllowed(BasePermission):
+    """Streaming routes: signed-in users, and anyone where anonymous streaming is on."""
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        return request.user.is_authenticated or settings.SCOPE_ALLOW_ANONYMOUS
+
+
+class IceServersView(APIView):
+    permission_classes = [StreamingAllowed]
+
+    def get(self, request: Request) -> Response:
+        return Response({"iceServers": settings.SCOPE_ICE_SERVERS})
+
+
+class OfferViewSet(viewsets.ViewSet):
+    """HTTP signaling: offer in, answer out; trickled candidates; close."""
+
+    lookup_value_regex = ANY_SESSION_ID
+
+    def get_permissions(self):
+        # Ending a session is an owner's or operator's act, never an anonymous one.
+        if self.action == "destroy":
+            return [IsAuthenticated()]
+        return [StreamingAllowed()]
+
+    def create(self, request: Request) -> Response:
+        body = OfferInputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        sdp = validate_offer(sdp=body.validated_data["sdp"], sdp_type=body.validated_data["type"])
+        pipeline, parameters = validate_parameters(
+            body.validated_data.get("initialParameters") or {}, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
+        )
+        session = services.session_create_placed(owner=request.user)
+        session_id = str(session.pk)
+        timeout = settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS
+        try:
+            reply_channel = async_to_sync(get_channel_layer().new_channel)()
+            services.session_offer(
+                session_id=session_id,
+                pipeline=pipeline,
+                parameters=parameters,
+                sdp=sdp,
+                sdp_type="offer",
+                reply_channel=reply_channel,
+                request_id=None,
+            )
+            reply = async_to_sync(channels_util.receive_within)(channel=reply_channel, timeout=timeout)
+        except Exception:
+            # The session holds a worker slot: it must not outlive the request that failed.
+            services.session_close(session_id=session_id, reason=CloseReason.ERROR, by="api:offer-failed")
+            raise
+        if reply is None:
+            services.session_close(session_id=session_id, reason=CloseReason.ERROR, by="api:negotiation-timeout")
+            raise NegotiationTimeout(f"The media worker did not answer within {timeout:g} s.")
+        if reply["type"] != "signaling.answer":
+            # The worker has already closed the session it could not answer.
+            raise ScopeError(reply["code"], reply["error"])
+        return Response(
+            {"sdp": reply["sdp"], "type": reply["sdp_type"], "sessionId": session_id},
+            status=status.HTTP_201_CREATED,
+            headers={"Location": reverse("webrtc-offer-detail", kwargs={"pk": session_id})},
+        )
+
+    def partial_update(self, request: Request, pk: str) -> Response:
+        session = selectors.session_for_streamer(session_id=pk, user=request.user)
+        body = CandidatesInputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        for candidate in body.validated_data["candidates"]:
+            services.session_add_candidate(session_id=str(session.pk), candidate=candidate)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def destroy(self, request: Request, pk: str) -> Response:
+        session = selectors.session_for_user(session_id=pk, user=request.user)
+        if session.state == StreamSession.State.CLOSED:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        session_id = str(session.pk)
+        layer = get_channel_layer()
+        listener = async_to_sync(layer.new_channel)()
+        # Joined before closing, so a close finished at once (no peer yet) is still heard.
+        async_to_sync(layer.group_add)(session_group(session_id), listener)
+        try:
+            services.session_close(
+                session_id=session_id, reason=CloseReason.SESSION_TERMINATED, by=f"api:{request.user.username}"
+            )
+            session = selectors.session_for_user(session_id=session_id, user=request.user)
+            if session.state != StreamSession.State.CLOSED:
+                async_to_sync(channels_util.receive_within)(channel=listener, timeout=settings.SCOPE_CLOSE_WAIT_SECONDS)
+                session = selectors.session_for_user(session_id=session_id, user=request.user)
+        finally:
+            async_to_sync(layer.group_discard)(session_group(session_id), listener)
+        if session.state == StreamSession.State.CLOSED:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        # Decision: the close is under way but unconfirmed within the bound, so
+        # 202, not an error: the sweep re-sends the close and finishes it.
+        return Response(StreamSessionDetailSerializer(session).data, status=status.HTTP_202_ACCEPTED)
+
+
+class SessionViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Sessions as operators see them: staff every one, a user their own."""
+
+    serializer_class = StreamSessionSerializer
+    lookup_value_regex = ANY_SESSION_ID
+
+    def get_queryset(self):
+        sessions = selectors.sessions_visible_to(self.request.user)
+        state = self.request.query_params.get("state")
+        if state is not None:
+            if state not in StreamSession.State.values:
+                raise ScopeError(
+                    errors.INVALID_MESSAGE,
+                    f"'state' must be one of: {', '.join(StreamSession.State.values)}.",
+                )
+            sessions = sessions.filter(state=state)
+        # Ties broken by id, so pages never repeat or skip a session.
+        return sessions.order_by("-created_at", "-pk")
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        session = selectors.session_for_user(session_id=pk, user=request.user)
+        return Response(StreamSessionDetailSerializer(session).data)
+
+
+class WorkerViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    serializer_class = WorkerSerializer
+    permission_classes = [IsAdminUser]
+    # A deployment has a handful of workers; operators want them all at once.
+    pagination_class = None
+
+    def get_queryset(self):
+        return selectors.workers_with_load()
