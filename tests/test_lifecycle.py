@@ -1,0 +1,210 @@
+"""The lifecycle against a real embedded server: real daphne, real aiortc peers, real video."""
+
+import asyncio
+import json
+import time
+from datetime import datetime
+
+import pytest
+
+from tests.harness import ScopeServer
+from tests.peer import ClientPeer, ScopeClient, SessionRefused
+
+SENT = (200, 60, 20)
+INVERTED = tuple(255 - c for c in SENT)
+FULL_TRAIL = ["created", "placed", "answered", "live", "closing", "peer_closed", "pipeline_stopped", "cleaned_up",
+              "closed"]
+
+
+def close_to(color, expected, tolerance: float = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(color, expected))
+
+
+def closed_record(server: ScopeServer, session_id: str, timeout: float = 5) -> dict:
+    return server.wait_until(
+        lambda: (record := server.session(session_id))["state"] == "closed" and record,
+        timeout, what=f"session {session_id} closed",
+    )
+
+
+def peers_held(server: ScopeServer) -> int:
+    return sum(worker["peer_count"] for worker in server.workers() if worker["state"] == "active")
+
+
+def at(record: dict, kind: str) -> float:
+    return next(datetime.fromisoformat(e["at"]).timestamp() for e in record["events"] if e["kind"] == kind)
+
+
+async def live_peer(client: ScopeClient, server: ScopeServer, **kwargs) -> ClientPeer:
+    peer = await client.start_session(**kwargs)
+    await peer.wait_connected()
+    await peer.wait_frames(5)
+    await server.wait_until_async(lambda: server.session(peer.session_id)["state"] == "live", 5, what="live")
+    return peer
+
+
+async def test_invert_stream_then_socket_close_tears_everything_down(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, embedded_server, pipeline="invert", color=SENT)
+        frames = await peer.wait_frames(20)
+        assert close_to(frames[-1][1], INVERTED), f"expected inverted {INVERTED}, got {frames[-1][1]}"
+
+        closed_at = time.monotonic()
+        await client.close_socket()
+        await peer.wait_server_closed(2)
+        record = await asyncio.to_thread(closed_record, embedded_server, peer.session_id)
+        await asyncio.sleep(2.5)  # anything still streaming would show up here
+
+    assert record["close_reason"] == "CLIENT_DISCONNECT"
+    assert [event["kind"] for event in record["events"]] == FULL_TRAIL
+    assert record["frames_in"] > 0 and record["frames_out"] > 0
+    late = [t - closed_at for t, _ in peer.frames_since(closed_at + 2)]
+    assert not late, f"frames arrived {late} s after the socket closed"
+    embedded_server.wait_until(lambda: peers_held(embedded_server) == 0, 5, what="the worker to hold no peer")
+
+
+async def test_delete_ends_the_session_for_the_client(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, embedded_server)
+        session_path = f"/api/v1/webrtc/offer/{peer.session_id}"
+
+        assert embedded_server.api("DELETE", session_path, user=None).status_code in (401, 403)
+        refused = embedded_server.api("DELETE", session_path, user="bob")
+        assert refused.status_code == 404 and refused.json()["code"] == "UNKNOWN_SESSION"
+        assert embedded_server.api("DELETE", "/api/v1/webrtc/offer/00000000-0000-4000-8000-000000000000",
+                                   user="alice").status_code == 404
+        assert embedded_server.session(peer.session_id)["state"] == "live"  # refusals changed nothing
+
+        response = await asyncio.to_thread(embedded_server.api, "DELETE", session_path, user="alice")
+        deleted_at = time.monotonic()
+        assert response.status_code == 204
+        error = await client.expect("error", sessionId=peer.session_id)
+        assert error["code"] == "SESSION_TERMINATED"
+        assert await client.wait_closed(2) == 4009
+        await peer.wait_server_closed(1)
+        await asyncio.sleep(1.5)
+
+    assert not peer.frames_since(deleted_at + 1), "frames kept coming after DELETE"
+    record = embedded_server.session(peer.session_id)
+    assert record["state"] == "closed" and record["close_reason"] == "SESSION_TERMINATED"
+    assert [e for e in record["events"] if e["kind"] == "closing"][0]["detail"]["by"] == "api:alice"
+    assert embedded_server.api("DELETE", session_path, user="alice").status_code == 204
+    assert embedded_server.api("DELETE", session_path, user="staff").status_code == 204
+
+
+async def test_max_duration_closes_on_time(server_factory) -> None:
+    server = server_factory("embedded", SCOPE_MAX_SESSION_SECONDS=3)
+    async with ScopeClient() as client:
+        await client.connect(server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, server)
+        error = await client.expect("error", timeout=10, sessionId=peer.session_id)
+        error_at = time.time()
+        code = await client.wait_closed(2)
+        await peer.wait_server_closed(1)
+
+    record = await asyncio.to_thread(closed_record, server, peer.session_id)
+    deadline = datetime.fromisoformat(record["deadline_at"]).timestamp()
+    assert error["code"] == "MAX_DURATION_EXCEEDED"
+    assert code == 4008
+    assert record["close_reason"] == "MAX_DURATION_EXCEEDED"
+    assert 0 <= error_at - deadline < 1, f"error came {error_at - deadline:.3f} s after the deadline"
+    assert at(record, "peer_closed") - deadline < 1
+    server.wait_until(lambda: peers_held(server) == 0, 5, what="the worker to hold no peer")
+
+
+async def test_ready_only_after_the_previous_session_is_closed(server_factory) -> None:
+    server = server_factory("embedded", SCOPE_WORKER_CAPACITY=1)
+    async with ScopeClient() as first, ScopeClient() as second:
+        await first.connect(server, "alice")
+        await first.expect("ready")
+        peer = await live_peer(first, server)
+
+        await second.connect(server, "bob")
+        queued = await second.expect("queued")
+        assert queued["position"] == 1
+        with pytest.raises(AssertionError):
+            await second.expect("ready", timeout=1)
+
+        await first.close_socket()
+        await second.expect("ready", timeout=5)
+        # The slot was handed on only once the first session's teardown had finished.
+        first_record = server.session(peer.session_id)
+        assert first_record["state"] == "closed"
+        assert [e["kind"] for e in first_record["events"]][-1] == "closed"
+
+        second_peer = await live_peer(second, server, pipeline="grayscale")
+        assert second_peer.frames
+
+
+async def test_closing_the_socket_closes_every_session_it_opened(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peers = [await live_peer(client, embedded_server, pipeline=name) for name in ("invert", "passthrough")]
+        assert peers[0].session_id != peers[1].session_id
+        await client.close_socket()
+        for peer in peers:
+            await peer.wait_server_closed(2)
+
+    for peer in peers:
+        record = closed_record(embedded_server, peer.session_id)
+        assert record["close_reason"] == "CLIENT_DISCONNECT"
+        assert [event["kind"] for event in record["events"]] == FULL_TRAIL
+
+
+async def test_client_closing_its_peer_ends_the_session_and_the_socket(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, embedded_server)
+        await peer.close()
+        error = await client.expect("error", timeout=5, sessionId=peer.session_id)
+        code = await client.wait_closed(2)
+
+    assert error["code"] == "PEER_FAILED"
+    assert code == 4010
+    record = closed_record(embedded_server, peer.session_id)
+    assert record["close_reason"] == "PEER_FAILED"
+
+
+async def test_bad_messages_get_codes_and_change_nothing(embedded_server: ScopeServer) -> None:
+    before = embedded_server.api("GET", "/api/v1/sessions/").json()["count"]
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        after_connect = embedded_server.api("GET", "/api/v1/sessions/").json()["count"]
+        assert after_connect == before + 1  # the slot this socket holds
+
+        cases = [
+            ("not json {", "INVALID_MESSAGE"),
+            (json.dumps([1, 2]), "INVALID_MESSAGE"),
+            (json.dumps({"request_id": "r"}), "INVALID_MESSAGE"),
+            (json.dumps({"type": "teleport"}), "INVALID_MESSAGE"),
+            (json.dumps({"type": "offer", "sdp": "garbage", "sdp_type": "offer"}), "INVALID_SDP"),
+            (json.dumps({"type": "offer", "sdp": "v=0\r\nnonsense", "sdp_type": "offer"}), "INVALID_SDP"),
+            (json.dumps({"type": "offer", "sdp": 42, "sdp_type": "answer"}), "INVALID_SDP"),
+            (json.dumps({"type": "icecandidate", "candidate": None,
+                         "sessionId": "00000000-0000-4000-8000-000000000000"}), "UNKNOWN_SESSION"),
+            (json.dumps({"type": "parameters", "radius": 3}), "UNKNOWN_SESSION"),
+            (json.dumps({"type": "icecandidate", "candidate": 7}), "INVALID_MESSAGE"),
+        ]
+        for raw, expected in cases:
+            await client._ws.send(raw)
+            error = await client.expect("error", timeout=5)
+            assert error["code"] == expected, f"{raw!r}: {error}"
+            assert error["error"]
+
+        await client.send({"type": "ping", "request_id": "p1"})
+        assert (await client.expect("pong"))["request_id"] == "p1"
+        assert embedded_server.api("GET", "/api/v1/sessions/").json()["count"] == after_connect
+
+        with pytest.raises(SessionRefused) as refused:
+            await client.start_session(pipeline="no-such-pipeline")
+        assert refused.value.code == "INVALID_MESSAGE"
+        peer = await live_peer(client, embedded_server)  # the socket still works afterwards
+        assert peer.frames
