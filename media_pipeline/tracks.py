@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from aiortc import MediaStreamTrack
@@ -23,8 +24,15 @@ class PipelineTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, source: MediaStreamTrack, processor: FrameProcessor, executor: Executor) -> None:
+    def __init__(
+        self,
+        source: MediaStreamTrack,
+        processor: FrameProcessor,
+        executor: Executor,
+        on_error: Callable[[BaseException], None],
+    ) -> None:
         super().__init__()
+        self._on_error = on_error
         self._source = source
         self._processor = processor
         self._executor = executor
@@ -56,7 +64,13 @@ class PipelineTrack(MediaStreamTrack):
         if frame is None or self.readyState != "live":  # the source ended, or we were stopped
             self.stop()
             raise MediaStreamError
-        processed = await asyncio.get_running_loop().run_in_executor(self._executor, self._process, frame)
+        try:
+            processed = await asyncio.get_running_loop().run_in_executor(self._executor, self._process, frame)
+        except Exception as exc:
+            if self.readyState == "live":  # a failure during teardown is expected, not reported
+                self._on_error(exc)
+            self.stop()
+            raise MediaStreamError from exc
         self.frames_out += 1
         return processed
 

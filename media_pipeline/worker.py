@@ -217,7 +217,8 @@ class MediaWorker:
         @pc.on("track")
         def on_track(track) -> None:
             if track.kind == "video" and peer.track is None:
-                peer.track = PipelineTrack(track, processor, self._pipeline_executor)
+                peer.track = PipelineTrack(track, processor, self._pipeline_executor,
+                                           on_error=lambda exc: self._pipeline_failed(peer, exc))
                 pc.addTrack(peer.track)
 
         @pc.on("datachannel")
@@ -262,6 +263,10 @@ class MediaWorker:
 
     async def _close_for(self, session_id: str, reason: str, cause: str) -> None:
         await _db(services.session_close, session_id=session_id, reason=reason, by=f"worker:{self.worker_id}:{cause}")
+
+    def _pipeline_failed(self, peer: PeerSession, exc: BaseException) -> None:
+        logger.error("session %s: pipeline %s failed", peer.session_id, peer.pipeline, exc_info=exc)
+        self._spawn(self._close_for(peer.session_id, CloseReason.ERROR, "pipeline"), f"error-{peer.session_id}")
 
     async def _connection_state_changed(self, peer: PeerSession, state: str) -> None:
         if peer.closing:

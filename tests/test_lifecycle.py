@@ -6,9 +6,11 @@ import time
 from datetime import datetime
 
 import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from media_pipeline.ice import enforce_ice_addresses
 from tests.harness import ScopeServer
-from tests.peer import ClientPeer, ScopeClient, SessionRefused
+from tests.peer import ClientPeer, ScopeClient, SessionRefused, SolidColorTrack
 
 SENT = (200, 60, 20)
 INVERTED = tuple(255 - c for c in SENT)
@@ -208,3 +210,84 @@ async def test_bad_messages_get_codes_and_change_nothing(embedded_server: ScopeS
         assert refused.value.code == "INVALID_MESSAGE"
         peer = await live_peer(client, embedded_server)  # the socket still works afterwards
         assert peer.frames
+
+
+async def test_http_signaling_streams_and_delete_closes_it(embedded_server: ScopeServer) -> None:
+    enforce_ice_addresses(["127.0.0.1"])
+    pc = RTCPeerConnection()
+    pc.addTrack(SolidColorTrack(SENT))
+    frames: list[float] = []
+
+    @pc.on("track")
+    def on_track(track) -> None:
+        async def receive() -> None:
+            while True:
+                await track.recv()
+                frames.append(time.monotonic())
+
+        tasks.append(asyncio.ensure_future(receive()))
+
+    tasks: list[asyncio.Task] = []
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        body = {"sdp": pc.localDescription.sdp, "type": "offer", "initialParameters": {"pipeline": "edges"}}
+        response = await asyncio.to_thread(embedded_server.api, "POST", "/api/v1/webrtc/offer", user="alice", json=body)
+        assert response.status_code == 201, response.text
+        answer = response.json()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await embedded_server.wait_until_async(lambda: len(frames) >= 5, 15, what="frames over HTTP signaling")
+        record = embedded_server.session(answer["sessionId"])
+        assert record["pipeline"] == "edges" and record["owner"] == "alice"
+
+        response = await asyncio.to_thread(
+            embedded_server.api, "DELETE", f"/api/v1/webrtc/offer/{answer['sessionId']}/", user="alice"
+        )
+        deleted_at = time.monotonic()
+        assert response.status_code == 204
+        await asyncio.sleep(1.5)
+        assert not [t for t in frames if t > deleted_at + 1]
+        assert embedded_server.session(answer["sessionId"])["close_reason"] == "SESSION_TERMINATED"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await pc.close()
+
+
+async def test_an_offer_the_worker_cannot_serve_ends_in_error(embedded_server: ScopeServer) -> None:
+    enforce_ice_addresses(["127.0.0.1"])
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")  # valid SDP, but no video to process
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with ScopeClient() as client:
+            await client.connect(embedded_server, "alice")
+            await client.expect("ready")
+            await client.send({"type": "offer", "sdp": pc.localDescription.sdp, "sdp_type": "offer",
+                               "request_id": "bad-offer"})
+            refusal = await client.expect("error", request_id="bad-offer")
+            ended = await client.expect("error", code="ERROR")
+            code = await client.wait_closed(2)
+    finally:
+        await pc.close()
+
+    assert refusal["code"] == "INVALID_SDP"
+    assert code == 4500
+    record = closed_record(embedded_server, ended["sessionId"])
+    assert record["close_reason"] == "ERROR"
+
+
+async def test_socket_authentication_and_origin(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as anonymous:  # embedded mode allows anonymous streaming
+        await anonymous.connect(embedded_server, None)
+        await anonymous.expect("ready")
+
+    async with ScopeClient() as forged:
+        await forged.connect(embedded_server, None, token="not-a-real-token")
+        error = await forged.expect("error")
+        assert error["code"] == "UNAUTHORIZED"
+        assert await forged.wait_closed(2) == 4003
+
+    async with ScopeClient() as foreign:
+        with pytest.raises(Exception) as rejected:
+            await foreign.connect(embedded_server, "alice", origin="http://evil.example")
+        assert "403" in str(rejected.value)
