@@ -10,8 +10,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from scope_site import daphne_limits  # noqa: E402
 from sessions_app.auth import TokenAuthMiddleware  # noqa: E402
 from sessions_app.routing import websocket_urlpatterns  # noqa: E402
+
+daphne_limits.install()
 
 router = ProtocolTypeRouter(
     {

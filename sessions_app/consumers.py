@@ -20,13 +20,11 @@ from django.utils import timezone
 from . import errors, selectors, services
 from .errors import CLOSE_CODES, CLOSE_MESSAGES, ScopeError
 from .messages import QUEUE_GROUP, QueueChanged, SessionEnded, SignalingAnswer, SignalingError
-from .models import CloseReason, StreamSession
+from .models import CloseReason
 from .sdp import validate_offer
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024
-CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_UNAUTHORIZED = 4003
 MAX_USER_ID_LENGTH = 128
 
@@ -105,11 +103,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
     # --- client messages -----------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # Messages over 64 KiB never get here: the WebSocket layer closes with 1009
+        # (scope_site/daphne_limits.py).
         if not self.authorized:
-            return
-        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
-        if size > MAX_MESSAGE_BYTES:
-            await self.close(CLOSE_MESSAGE_TOO_BIG)
             return
         request_id = None
         try:
@@ -194,8 +190,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
         session_id = self._own_session(message)
         update = {k: v for k, v in message.items() if k not in ("type", "request_id", "sessionId")}
-        session = await _db(StreamSession.objects.get)(pk=session_id)
-        pipeline, parameters = apply_update(pipeline=session.pipeline, parameters=session.parameters, update=update)
+        current_pipeline, current_parameters = await _db(selectors.session_pipeline)(session_id=session_id)
+        pipeline, parameters = apply_update(pipeline=current_pipeline, parameters=current_parameters, update=update)
         await _db(services.session_set_parameters)(
             session_id=session_id, pipeline=pipeline, parameters=parameters, notify_worker=True
         )
@@ -252,6 +248,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if session_id not in self.session_ids:
             return
         self.session_ids.remove(session_id)
+        if session_id == self.reserved_session_id and self.queued:
+            self.queued = False
+            await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
         self._disarm(session_id, "negotiation")
         self._disarm(session_id, "deadline")
         await self._send_error(reason, CLOSE_MESSAGES.get(reason, reason), session_id=session_id)

@@ -60,6 +60,12 @@ def workers_with_load() -> QuerySet[Worker]:
     ).order_by("id")
 
 
+def session_pipeline(*, session_id: str) -> tuple[str, dict]:
+    """A session's current pipeline name and parameters."""
+    pipeline, parameters = StreamSession.objects.values_list("pipeline", "parameters").get(pk=session_id)
+    return pipeline, parameters
+
+
 def queue_position(*, session_id: str) -> int:
     """1-based place among sessions waiting for a slot."""
     session = StreamSession.objects.get(pk=session_id)

@@ -98,6 +98,11 @@ def worker_messages() -> list[dict]:
 def negotiating_session(owner) -> StreamSession:
     """A session placed on the stand-in worker and handed an offer, as HTTP or socket signaling would."""
     live_worker()
+    return offered_session(owner)
+
+
+def offered_session(owner) -> StreamSession:
+    """A session placed on an existing worker and handed an offer."""
     session = services.session_create_placed(owner=owner)
     services.session_offer(
         session_id=str(session.pk),
@@ -377,16 +382,7 @@ def test_anonymous_candidates_only_for_ownerless_sessions(settings, alice):
     services.session_close(session_id=str(owned.pk), reason="SESSION_TERMINATED", by="test")
     services.session_closed(session_id=str(owned.pk), steps=[])
 
-    ownerless = services.session_create_placed(owner=None)
-    services.session_offer(
-        session_id=str(ownerless.pk),
-        pipeline="passthrough",
-        parameters={},
-        sdp=OFFER_SDP,
-        sdp_type="offer",
-        reply_channel="test!reply",
-        request_id=None,
-    )
+    ownerless = offered_session(None)
     response = APIClient().patch(f"/api/v1/webrtc/offer/{ownerless.pk}/", {"candidates": [None]}, format="json")
     assert response.status_code == 204, response.content
 

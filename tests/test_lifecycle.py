@@ -291,3 +291,16 @@ async def test_socket_authentication_and_origin(embedded_server: ScopeServer) ->
         with pytest.raises(Exception) as rejected:
             await foreign.connect(embedded_server, "alice", origin="http://evil.example")
         assert "403" in str(rejected.value)
+
+
+async def test_an_oversized_message_closes_the_socket_with_1009(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        await client.send({"type": "ping", "padding": "x" * (65 * 1024)})
+        assert await client.wait_closed(5) == 1009
+    # The slot the socket held is given back like on any other close.
+    embedded_server.wait_until(
+        lambda: embedded_server.api("GET", "/api/v1/sessions/?state=waiting", user="alice").json()["count"] == 0,
+        5, what="the socket's reserved session to close",
+    )
