@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 PEER_CLOSE_TIMEOUT_SECONDS = 1.0
 DB_CALL_TIMEOUT_SECONDS = 10.0
+RECEIVE_RETRY_SECONDS = 1.0
 
 
 @dataclass
@@ -56,7 +57,6 @@ class PeerSession:
     track: PipelineTrack | None = None
     deadline_timer: asyncio.TimerHandle | None = None
     closing: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def frame_counts(self) -> FrameCounts:
         if self.track is None:
@@ -142,7 +142,13 @@ class MediaWorker:
 
     async def _receive_loop(self) -> None:
         while True:
-            message = await self.channel_layer.receive(self.channel_name)
+            try:
+                message = await self.channel_layer.receive(self.channel_name)
+            except Exception:
+                # The channel layer's backend is unreachable: keep listening once it is back.
+                logger.exception("media worker %s cannot receive; retrying", self.worker_id)
+                await asyncio.sleep(RECEIVE_RETRY_SECONDS)
+                continue
             handler = self._handlers.get(message.get("type", ""))
             if handler is None:
                 logger.warning("media worker ignores message of type %r", message.get("type"))

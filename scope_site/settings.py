@@ -50,7 +50,12 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 SCOPE_EMBEDDED = not REDIS_URL
 
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = os.environ.get("SECRET_KEY") or "scope-embedded-insecure-key-set-SECRET_KEY-in-production"
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not SCOPE_EMBEDDED:
+        raise ImproperlyConfigured("SECRET_KEY must be set when REDIS_URL is (the scaled shape).")
+    # Embedded mode is a single local process; a fixed key keeps logins across restarts.
+    SECRET_KEY = "scope-embedded-insecure-key-set-SECRET_KEY-for-anything-shared"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 
 INSTALLED_APPS = [
