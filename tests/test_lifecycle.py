@@ -3,13 +3,14 @@
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from media_pipeline.ice import enforce_ice_addresses
-from tests.harness import ScopeServer
+from tests.harness import ScopeServer, start_embedded
 from tests.peer import ClientPeer, ScopeClient, SessionRefused, SolidColorTrack
 
 SENT = (200, 60, 20)
@@ -98,8 +99,16 @@ async def test_delete_ends_the_session_for_the_client(embedded_server: ScopeServ
     assert embedded_server.api("DELETE", session_path, user="staff").status_code == 204
 
 
-async def test_max_duration_closes_on_time(server_factory) -> None:
-    server = server_factory("embedded", SCOPE_MAX_SESSION_SECONDS=3)
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScopeServer]:
+    """Sessions limited to 3 s, and no anonymous streaming."""
+    with start_embedded(tmp_path_factory.mktemp("strict"), SCOPE_MAX_SESSION_SECONDS=3,
+                        SCOPE_ALLOW_ANONYMOUS=False) as server:
+        yield server
+
+
+async def test_max_duration_closes_on_time(strict_server: ScopeServer) -> None:
+    server = strict_server
     async with ScopeClient() as client:
         await client.connect(server, "alice")
         await client.expect("ready")
@@ -304,3 +313,16 @@ async def test_an_oversized_message_closes_the_socket_with_1009(embedded_server:
         lambda: embedded_server.api("GET", "/api/v1/sessions/?state=waiting", user="alice").json()["count"] == 0,
         5, what="the socket's reserved session to close",
     )
+
+
+async def test_anonymous_clients_are_refused_where_not_allowed(strict_server: ScopeServer) -> None:
+    sessions_before = strict_server.api("GET", "/api/v1/sessions/").json()["count"]
+    async with ScopeClient() as anonymous:
+        await anonymous.connect(strict_server, None)
+        error = await anonymous.expect("error")
+        assert error["code"] == "UNAUTHORIZED"
+        assert await anonymous.wait_closed(2) == 4003
+    response = strict_server.api("POST", "/api/v1/webrtc/offer", user=None,
+                                 json={"sdp": "v=0", "type": "offer"})
+    assert response.status_code == 401 and response.json()["code"] == "UNAUTHORIZED"
+    assert strict_server.api("GET", "/api/v1/sessions/").json()["count"] == sessions_before
