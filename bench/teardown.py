@@ -20,17 +20,12 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
-from tests.harness import ScopeServer, start_embedded, start_scaled
+from tests.harness import ScopeServer, event_time, start_embedded, start_scaled
 from tests.peer import ScopeClient
 
 SETTLE_SECONDS = 1.0
-
-
-def _event_time(record: dict, kind: str) -> float:
-    return next(datetime.fromisoformat(e["at"]).timestamp() for e in record["events"] if e["kind"] == kind)
 
 
 async def one_cycle(server: ScopeServer) -> dict[str, float]:
@@ -46,12 +41,10 @@ async def one_cycle(server: ScopeServer) -> dict[str, float]:
         dtls_seen = time.monotonic() - closed_mono
         await asyncio.sleep(SETTLE_SECONDS)
         last_frame = peer.last_frame_at - closed_mono
-    record = await asyncio.to_thread(
-        server.wait_until, lambda: (r := server.session(peer.session_id))["state"] == "closed" and r, 5
-    )
+    record = await asyncio.to_thread(server.closed_session, peer.session_id)
     return {
-        "peer_closed": (_event_time(record, "peer_closed") - closed_wall) * 1000,
-        "closed": (_event_time(record, "closed") - closed_wall) * 1000,
+        "peer_closed": (event_time(record, "peer_closed") - closed_wall) * 1000,
+        "closed": (event_time(record, "closed") - closed_wall) * 1000,
         "dtls_seen": dtls_seen * 1000,
         "last_frame": last_frame * 1000,
     }

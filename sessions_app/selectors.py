@@ -1,7 +1,6 @@
 """Reads. Nothing here writes."""
 
 import uuid
-
 from datetime import timedelta
 
 from django.conf import settings
@@ -26,9 +25,13 @@ def sessions_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Stre
 
 def session_for_user(*, session_id: str, user: AbstractBaseUser | AnonymousUser) -> StreamSession:
     """A session the user may see; another's is reported unknown, never forbidden."""
+    return _one_session(sessions_visible_to(user), session_id)
+
+
+def _one_session(sessions: QuerySet[StreamSession], session_id: str) -> StreamSession:
+    """The session with this id among ``sessions``; a malformed or absent id is UNKNOWN_SESSION."""
     try:
-        session_uuid = uuid.UUID(str(session_id))
-        return sessions_visible_to(user).get(pk=session_uuid)
+        return sessions.get(pk=uuid.UUID(str(session_id)))
     except (ValueError, StreamSession.DoesNotExist) as exc:
         raise ScopeError(errors.UNKNOWN_SESSION, f"No session {session_id}.") from exc
 
@@ -42,10 +45,7 @@ def session_for_streamer(*, session_id: str, user: AbstractBaseUser | AnonymousU
     """
     if user.is_authenticated:
         return session_for_user(session_id=session_id, user=user)
-    try:
-        return StreamSession.objects.get(pk=uuid.UUID(str(session_id)), owner__isnull=True)
-    except (ValueError, StreamSession.DoesNotExist) as exc:
-        raise ScopeError(errors.UNKNOWN_SESSION, f"No session {session_id}.") from exc
+    return _one_session(StreamSession.objects.filter(owner__isnull=True), session_id)
 
 
 def live_workers() -> QuerySet[Worker]:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,6 +170,13 @@ class ScopeServer:
     def session(self, session_id: str) -> dict[str, Any]:
         return _json_ok(self.api("GET", f"/api/v1/sessions/{session_id}/"))
 
+    def closed_session(self, session_id: str, timeout: float = 5) -> dict[str, Any]:
+        """The session's record once it reads ``closed``; fails after ``timeout`` seconds."""
+        return self.wait_until(
+            lambda: (record := self.session(session_id))["state"] == "closed" and record,
+            timeout, what=f"session {session_id} closed",
+        )
+
     def workers(self) -> list[dict[str, Any]]:
         body = _json_ok(self.api("GET", "/api/v1/workers/"))
         # Paginated or not, depending on the view: accept both shapes.
@@ -185,6 +193,11 @@ class ScopeServer:
     def log_text(self) -> str:
         """Every process log of this server, one after another."""
         return read_logs(self.logs_dir)
+
+
+def event_time(record: dict[str, Any], kind: str) -> float:
+    """When a session's first event of ``kind`` happened, as a Unix timestamp."""
+    return next(datetime.fromisoformat(e["at"]).timestamp() for e in record["events"] if e["kind"] == kind)
 
 
 def read_logs(logs_dir: Path) -> str:

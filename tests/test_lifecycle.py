@@ -10,7 +10,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from media_pipeline.ice import enforce_ice_addresses
-from tests.harness import ScopeServer, start_embedded
+from tests.harness import ScopeServer, event_time, start_embedded
 from tests.peer import ClientPeer, ScopeClient, SessionRefused, SolidColorTrack
 
 SENT = (200, 60, 20)
@@ -23,19 +23,8 @@ def close_to(color, expected, tolerance: float = 12) -> bool:
     return all(abs(a - b) <= tolerance for a, b in zip(color, expected))
 
 
-def closed_record(server: ScopeServer, session_id: str, timeout: float = 5) -> dict:
-    return server.wait_until(
-        lambda: (record := server.session(session_id))["state"] == "closed" and record,
-        timeout, what=f"session {session_id} closed",
-    )
-
-
 def peers_held(server: ScopeServer) -> int:
     return sum(worker["peer_count"] for worker in server.workers() if worker["state"] == "active")
-
-
-def at(record: dict, kind: str) -> float:
-    return next(datetime.fromisoformat(e["at"]).timestamp() for e in record["events"] if e["kind"] == kind)
 
 
 async def live_peer(client: ScopeClient, server: ScopeServer, **kwargs) -> ClientPeer:
@@ -57,7 +46,7 @@ async def test_invert_stream_then_socket_close_tears_everything_down(embedded_se
         closed_at = time.monotonic()
         await client.close_socket()
         await peer.wait_server_closed(2)
-        record = await asyncio.to_thread(closed_record, embedded_server, peer.session_id)
+        record = await asyncio.to_thread(embedded_server.closed_session, peer.session_id)
         await asyncio.sleep(2.5)  # anything still streaming would show up here
 
     assert record["close_reason"] == "CLIENT_DISCONNECT"
@@ -118,13 +107,13 @@ async def test_max_duration_closes_on_time(strict_server: ScopeServer) -> None:
         code = await client.wait_closed(2)
         await peer.wait_server_closed(1)
 
-    record = await asyncio.to_thread(closed_record, server, peer.session_id)
+    record = await asyncio.to_thread(server.closed_session, peer.session_id)
     deadline = datetime.fromisoformat(record["deadline_at"]).timestamp()
     assert error["code"] == "MAX_DURATION_EXCEEDED"
     assert code == 4008
     assert record["close_reason"] == "MAX_DURATION_EXCEEDED"
     assert 0 <= error_at - deadline < 1, f"error came {error_at - deadline:.3f} s after the deadline"
-    assert at(record, "peer_closed") - deadline < 1
+    assert event_time(record, "peer_closed") - deadline < 1
     server.wait_until(lambda: peers_held(server) == 0, 5, what="the worker to hold no peer")
 
 
@@ -163,7 +152,7 @@ async def test_closing_the_socket_closes_every_session_it_opened(embedded_server
             await peer.wait_server_closed(2)
 
     for peer in peers:
-        record = closed_record(embedded_server, peer.session_id)
+        record = embedded_server.closed_session(peer.session_id)
         assert record["close_reason"] == "CLIENT_DISCONNECT"
         assert [event["kind"] for event in record["events"]] == FULL_TRAIL
 
@@ -179,7 +168,7 @@ async def test_client_closing_its_peer_ends_the_session_and_the_socket(embedded_
 
     assert error["code"] == "PEER_FAILED"
     assert code == 4010
-    record = closed_record(embedded_server, peer.session_id)
+    record = embedded_server.closed_session(peer.session_id)
     assert record["close_reason"] == "PEER_FAILED"
 
 
@@ -281,7 +270,7 @@ async def test_an_offer_the_worker_cannot_serve_ends_in_error(embedded_server: S
 
     assert refusal["code"] == "INVALID_SDP"
     assert code == 4500
-    record = closed_record(embedded_server, ended["sessionId"])
+    record = embedded_server.closed_session(ended["sessionId"])
     assert record["close_reason"] == "ERROR"
 
 

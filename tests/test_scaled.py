@@ -5,7 +5,7 @@ import time
 
 from tests.harness import ScopeServer
 from tests.peer import ScopeClient
-from tests.test_lifecycle import FULL_TRAIL, closed_record, live_peer
+from tests.test_lifecycle import FULL_TRAIL, live_peer
 
 
 async def test_close_reaches_the_owning_worker_and_spares_the_other(scaled_server: ScopeServer) -> None:
@@ -27,7 +27,7 @@ async def test_close_reaches_the_owning_worker_and_spares_the_other(scaled_serve
         closed_at = time.monotonic()
         await leaving.close_socket()
         await leaving_peer.wait_server_closed(2)
-        record = await asyncio.to_thread(closed_record, scaled_server, leaving_peer.session_id)
+        record = await asyncio.to_thread(scaled_server.closed_session, leaving_peer.session_id)
         await asyncio.sleep(2)
 
         assert record["close_reason"] == "CLIENT_DISCONNECT"
