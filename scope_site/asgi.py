@@ -9,6 +9,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set u
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from scope_site import daphne_limits  # noqa: E402
 from sessions_app.auth import TokenAuthMiddleware  # noqa: E402
@@ -18,7 +19,9 @@ daphne_limits.install()
 
 router = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # The pages' own CSS and JS (and the admin's), served by the app itself:
+        # no build step, no collectstatic, nothing fetched from elsewhere.
+        "http": ASGIStaticFilesHandler(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )

@@ -129,7 +129,12 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / "var" / "static"
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "stream"
+LOGOUT_REDIRECT_URL = "stream"
 
 if REDIS_URL:
     CHANNEL_LAYERS = {

@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from media_pipeline.pipelines import validate_parameters
+from media_pipeline.pipelines import available_pipelines, validate_parameters
 
 from . import channels_util, errors, selectors, services
 from .api_errors import NegotiationTimeout
@@ -43,6 +43,25 @@ class IceServersView(APIView):
 
     def get(self, request: Request) -> Response:
         return Response({"iceServers": settings.SCOPE_ICE_SERVERS})
+
+
+class PipelinesView(APIView):
+    """The pipelines a client may pick, with the parameters each declares (to build controls from)."""
+
+    permission_classes = [StreamingAllowed]
+
+    def get(self, request: Request) -> Response:
+        return Response(
+            [
+                {
+                    "name": name,
+                    "label": getattr(pipeline, "label", name),
+                    "default": name == settings.SCOPE_DEFAULT_PIPELINE,
+                    "parameters": [spec.to_json() for spec in pipeline.parameter_specs],
+                }
+                for name, pipeline in available_pipelines().items()
+            ]
+        )
 
 
 class OfferViewSet(viewsets.ViewSet):

@@ -20,5 +20,6 @@ router.register("workers", api.WorkerViewSet, basename="worker")
 
 urlpatterns = [
     re_path(r"^webrtc/ice-servers/?$", api.IceServersView.as_view(), name="webrtc-ice-servers"),
+    re_path(r"^pipelines/?$", api.PipelinesView.as_view(), name="pipelines"),
     *router.urls,
 ]

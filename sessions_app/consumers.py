@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import errors, selectors, services
-from .errors import CLOSE_CODES, CLOSE_MESSAGES, ScopeError
+from .errors import CLOSE_CODES, ScopeError, close_message
 from .messages import QUEUE_GROUP, QueueChanged, SessionEnded, SignalingAnswer, SignalingError
 from .models import CloseReason
 from .sdp import validate_offer
@@ -253,7 +253,9 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
         self._disarm(session_id, "negotiation")
         self._disarm(session_id, "deadline")
-        await self._send_error(reason, CLOSE_MESSAGES.get(reason, reason), session_id=session_id)
+        await self._send_error(
+            reason, close_message(reason, max_session_seconds=settings.SCOPE_MAX_SESSION_SECONDS), session_id=session_id
+        )
         code = CLOSE_CODES.get(reason)
         if not self.session_ids and code is not None:
             await self.close(code)

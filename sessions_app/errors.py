@@ -19,17 +19,18 @@ NO_CAPACITY: Final = "NO_CAPACITY"
 UNAUTHORIZED: Final = "UNAUTHORIZED"
 RATE_LIMITED: Final = "RATE_LIMITED"
 
+# What a person is told when the server ends their session.
 CLOSE_MESSAGES: Final = {
-    "CLIENT_DISCONNECT": "The signaling socket was closed.",
-    "MAX_DURATION_EXCEEDED": "The session reached its maximum duration.",
-    "SESSION_TERMINATED": "The session was ended by an operator.",
-    "PEER_FAILED": "The peer connection failed or was closed.",
-    "WORKER_LOST": "The media worker stopped responding.",
-    "SERVER_SHUTDOWN": "The server is shutting down.",
-    "IDLE_TIMEOUT": "No media arrived for too long.",
-    "SIGNALING_LOST": "The signaling server stopped responding.",
-    "ERROR": "The session failed with an error.",
+    "CLIENT_DISCONNECT": "You left the session.",
+    "SESSION_TERMINATED": "Session ended by an operator.",
+    "PEER_FAILED": "The video connection failed or was closed.",
+    "WORKER_LOST": "Lost connection to the media server.",
+    "SERVER_SHUTDOWN": "The server is restarting; start again in a moment.",
+    "IDLE_TIMEOUT": "No video arrived from your camera for too long.",
+    "SIGNALING_LOST": "Lost connection to the server.",
+    "ERROR": "Something went wrong on the server, so the session was ended.",
 }
+
 
 # WebSocket close code per close reason (None: the socket is already gone).
 CLOSE_CODES: Final = {
@@ -43,3 +44,18 @@ CLOSE_CODES: Final = {
     "SIGNALING_LOST": None,
     "ERROR": 4500,
 }
+
+
+def _duration_words(seconds: float) -> str:
+    """``3600`` → "60 minutes", ``90`` → "90 seconds", ``5400`` → "90 minutes"."""
+    whole = round(seconds)
+    if whole >= 120 and whole % 60 == 0:
+        return f"{whole // 60} minutes"
+    return "1 second" if whole == 1 else f"{whole} seconds"
+
+
+def close_message(reason: str, *, max_session_seconds: float) -> str:
+    """The words for a close reason, with the time limit spelled out where it applies."""
+    if reason == "MAX_DURATION_EXCEEDED":
+        return f"Time limit of {_duration_words(max_session_seconds)} reached."
+    return CLOSE_MESSAGES.get(reason, reason)

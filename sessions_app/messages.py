@@ -1,7 +1,8 @@
 """Channel-layer messages: one TypedDict per ``type``, one handler each.
 
 ``peer.*`` go to a media worker's channel; ``signaling.*`` and ``session.*``
-to a signaling consumer (or to a one-off reply channel for HTTP signaling).
+to a signaling consumer (or to a one-off reply channel for HTTP signaling);
+``dashboard.*`` to the operators' dashboard group.
 """
 
 from typing import Any, Literal, TypedDict
@@ -62,7 +63,19 @@ class QueueChanged(TypedDict):
     type: Literal["queue.changed"]
 
 
+class DashboardSession(TypedDict):
+    type: Literal["dashboard.session"]
+    session_id: str
+
+
+class DashboardWorker(TypedDict):
+    type: Literal["dashboard.worker"]
+    worker_id: int
+
+
 QUEUE_GROUP = "scope.queue"
+# Operators' dashboards: told of every session transition and worker heartbeat.
+DASHBOARD_GROUP = "scope.dashboard"
 
 
 def session_group(session_id: str) -> str:

@@ -81,3 +81,30 @@ def open_sessions_of_connection(*, connection_id: str) -> list[str]:
             connection_id=connection_id, state__in=StreamSession.OPEN_STATES
         ).values_list("pk", flat=True)
     ]
+
+
+def dashboard_sessions(*, recently_closed: int) -> tuple[list[StreamSession], list[StreamSession]]:
+    """Open sessions (oldest first) and the last ``recently_closed`` closed ones (newest first)."""
+    sessions = StreamSession.objects.select_related("owner", "worker")
+    open_sessions = list(sessions.filter(state__in=StreamSession.OPEN_STATES).order_by("created_at", "pk"))
+    closed = list(sessions.filter(state=StreamSession.State.CLOSED).order_by("-closed_at", "-pk")[:recently_closed])
+    return open_sessions, closed
+
+
+def dashboard_session(*, session_id: str) -> StreamSession | None:
+    return StreamSession.objects.select_related("owner", "worker").filter(pk=session_id).first()
+
+
+def dashboard_workers(*, gone_within: timedelta) -> QuerySet[Worker]:
+    """Workers an operator cares about: every one still serving, and those gone lately."""
+    return workers_with_load().filter(
+        ~Q(state=Worker.State.GONE) | Q(heartbeat_at__gte=timezone.now() - gone_within)
+    )
+
+
+def open_sessions_of_worker(*, worker_id: int) -> list[StreamSession]:
+    return list(
+        StreamSession.objects.select_related("owner", "worker").filter(
+            worker_id=worker_id, state__in=StreamSession.OPEN_STATES
+        )
+    )

@@ -20,7 +20,10 @@ from django.utils import timezone
 from . import errors, selectors
 from .errors import ScopeError
 from .messages import (
+    DASHBOARD_GROUP,
     QUEUE_GROUP,
+    DashboardSession,
+    DashboardWorker,
     PeerCandidate,
     PeerClose,
     PeerOffer,
@@ -45,6 +48,17 @@ def _group_send_after_commit(group: str, message: dict[str, Any]) -> None:
     transaction.on_commit(lambda: async_to_sync(get_channel_layer().group_send)(group, message))
 
 
+def _announce_session(session: StreamSession) -> None:
+    """Tell operators' dashboards the session changed; they read it back themselves."""
+    message: DashboardSession = {"type": "dashboard.session", "session_id": str(session.pk)}
+    _group_send_after_commit(DASHBOARD_GROUP, message)
+
+
+def _announce_worker(worker_id: int) -> None:
+    message: DashboardWorker = {"type": "dashboard.worker", "worker_id": worker_id}
+    _group_send_after_commit(DASHBOARD_GROUP, message)
+
+
 def _record(session: StreamSession, kind: str, *, at: datetime | None = None, **detail: Any) -> None:
     SessionEvent.objects.create(session=session, kind=kind, at=at or timezone.now(), detail=detail)
 
@@ -61,7 +75,7 @@ def _locked_session(session_id: str) -> StreamSession:
 
 @transaction.atomic
 def worker_register(*, channel_name: str, host: str, pid: int, device: str, capacity: int) -> Worker:
-    return Worker.objects.create(
+    worker = Worker.objects.create(
         channel_name=channel_name,
         host=host,
         pid=pid,
@@ -69,6 +83,8 @@ def worker_register(*, channel_name: str, host: str, pid: int, device: str, capa
         capacity=capacity,
         heartbeat_at=timezone.now(),
     )
+    _announce_worker(worker.pk)
+    return worker
 
 
 @dataclass(frozen=True)
@@ -85,12 +101,14 @@ def worker_heartbeat(*, worker_id: int, peer_count: int, frames: dict[str, Frame
         StreamSession.objects.filter(pk=session_id, worker_id=worker_id).update(
             frames_in=counts.frames_in, frames_out=counts.frames_out
         )
+    _announce_worker(worker_id)
 
 
 @transaction.atomic
 def worker_retire(*, worker_id: int) -> None:
     """The worker process is exiting cleanly: it takes no more sessions."""
     Worker.objects.filter(pk=worker_id).update(state=Worker.State.GONE, peer_count=0)
+    _announce_worker(worker_id)
 
 
 # --- sessions: creation, placement, negotiation --------------------------------
@@ -107,6 +125,7 @@ def session_create(
         signaling_seen_at=timezone.now() if signaling_channel else None,
     )
     _record(session, SessionEvent.Kind.CREATED, connection_id=connection_id)
+    _announce_session(session)
     return session
 
 
@@ -138,6 +157,7 @@ def session_place(*, session_id: str) -> bool:
     session.worker = worker
     session.save(update_fields=["worker"])
     _record(session, SessionEvent.Kind.PLACED, worker=worker.pk)
+    _announce_session(session)
     return True
 
 
@@ -169,6 +189,7 @@ def session_offer(*, session_id: str, pipeline: str, parameters: dict[str, Any],
     session.parameters = parameters
     session.deadline_at = now + timedelta(seconds=settings.SCOPE_MAX_SESSION_SECONDS)
     session.save(update_fields=["state", "pipeline", "parameters", "deadline_at"])
+    _announce_session(session)
     message: PeerOffer = {
         "type": "peer.offer",
         "session_id": str(session.pk),
@@ -203,6 +224,7 @@ def session_live(*, session_id: str) -> bool:
     session.live_at = timezone.now()
     session.save(update_fields=["state", "live_at"])
     _record(session, SessionEvent.Kind.LIVE, at=session.live_at)
+    _announce_session(session)
     return True
 
 
@@ -229,6 +251,7 @@ def session_set_parameters(*, session_id: str, pipeline: str, parameters: dict[s
     session.pipeline = pipeline
     session.parameters = parameters
     session.save(update_fields=["pipeline", "parameters"])
+    _announce_session(session)
     if notify_worker:
         message: PeerParameters = {
             "type": "peer.parameters",
@@ -264,6 +287,8 @@ def session_close(*, session_id: str, reason: str, by: str) -> bool:
     if had_peer:
         message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": reason}
         _send_after_commit(session.worker.channel_name, message)
+        # After the teardown's own message: dashboards must not delay it.
+        _announce_session(session)
     else:
         _finish_close(session)
     return True
@@ -307,3 +332,4 @@ def _finish_close(session: StreamSession) -> None:
     if session.worker_id is not None:
         queue_changed: QueueChanged = {"type": "queue.changed"}
         _group_send_after_commit(QUEUE_GROUP, queue_changed)
+    _announce_session(session)

@@ -7,6 +7,8 @@ from contextlib import ExitStack
 from typing import Any, Literal
 
 import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 
 from tests.harness import LOG_TAIL_CHARS, ScopeServer, start_embedded, start_scaled
 
@@ -50,6 +52,33 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
     """``server_factory("embedded", SCOPE_WORKER_CAPACITY=1)``, ``server_factory("scaled", workers=3)``."""
     with ExitStack() as stack:
         yield ServerFactory(tmp_path_factory, stack)
+
+
+# --- in-process tests (pytest-django): users and the in-memory channel layer ---
+
+
+@pytest.fixture
+def empty_channel_layer():
+    """The in-memory layer outlives a test; leftovers must not reach the next one."""
+    layer = get_channel_layer()
+    async_to_sync(layer.flush)()
+    yield
+    async_to_sync(layer.flush)()
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="pw-alice")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="pw-bob")
+
+
+@pytest.fixture
+def staff(django_user_model):
+    return django_user_model.objects.create_user("staff", password="pw-staff", is_staff=True)
 
 
 def _servers_used_by(item: pytest.Item) -> list[ScopeServer]:

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from sessions_app import channels_util, health, services
 from sessions_app.models import SessionEvent, StreamSession
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("empty_channel_layer")]
 
 WORKER_CHANNEL = "test!1"
 
@@ -43,30 +43,6 @@ OFFER_SDP = (
     )
     + "\r\n"
 )
-
-
-@pytest.fixture(autouse=True)
-def empty_channel_layer():
-    """The in-memory layer outlives a test; leftovers must not reach the next one."""
-    layer = get_channel_layer()
-    async_to_sync(layer.flush)()
-    yield
-    async_to_sync(layer.flush)()
-
-
-@pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice", password="pw-alice")
-
-
-@pytest.fixture
-def bob(django_user_model):
-    return django_user_model.objects.create_user("bob", password="pw-bob")
-
-
-@pytest.fixture
-def staff(django_user_model):
-    return django_user_model.objects.create_user("staff", password="pw-staff", is_staff=True)
 
 
 def client_for(user=None) -> APIClient:
