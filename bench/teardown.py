@@ -1,82 +1,148 @@
-"""Time from the client closing its signaling socket to the server closing the peer.
+"""Teardown: how long each way of ending a session takes to let go of the peer.
 
-Starts the server (embedded, or scaled with two mediaworkers over Redis), then
-runs N connect → stream → close cycles with a real aiortc client. For each
-cycle it prints, in milliseconds:
+Each target runs N cycles of connect → stream (512×512, invert) → end, ended
+three ways. Figures in milliseconds:
 
-- ``peer_closed``: socket close (client clock) → the worker's ``peer_closed``
-  event (server clock; same machine, same clock);
-- ``closed``: socket close → the record reading ``closed``;
-- ``dtls_seen``: socket close → the client seeing its DTLS transport closed;
-- ``last_frame``: socket close → the last processed frame the client got
-  (negative: it came before the close).
+``socket_close`` (the client closes its signaling socket):
+- ``peer_closed``: close → the peer closed on the worker (its ``peer_closed``
+  event; bare: the server's own note), server clock vs client clock, one machine;
+- ``closed``: close → the record's ``closed`` event (project only);
+- ``dtls_seen``: close → the client seeing its DTLS transport closed;
+- ``last_frame``: close → the last processed frame at the client (negative:
+  it came before the close).
 
-Usage: .venv/bin/python -m bench.teardown [--mode embedded|scaled] [--cycles 10]
+``request_close`` (the owner asks): ``ack`` is the round trip of
+``DELETE /api/v1/webrtc/offer/{id}`` → 204 (bare: ``close`` → ``closed`` on
+its socket), ``peer_closed`` the request → the peer closed.
+
+``max_duration`` (project only, a server with SCOPE_MAX_SESSION_SECONDS small):
+lateness of the ``closing``, ``peer_closed`` and ``closed`` events after the
+session's ``deadline_at``.
+
+Usage: .venv/bin/python -m bench.teardown [--targets embedded,scaled,bare] [--cycles 10] [--max-seconds 2]
 """
 
 import argparse
 import asyncio
-import json
-import statistics
-import tempfile
 import time
-from pathlib import Path
+import uuid
+from datetime import datetime
 
-from tests.harness import ScopeServer, event_time, start_embedded, start_scaled
-from tests.peer import ScopeClient
+from bench.client import BenchClient, streaming
+from bench.common import (
+    PROJECT_TARGETS,
+    TARGETS,
+    BareHandle,
+    Server,
+    emit,
+    figures,
+    on_each,
+    target_list,
+)
+from tests.harness import ScopeServer, event_time
 
+Cycle = dict[str, float | None]
 SETTLE_SECONDS = 1.0
+PIPELINE = "invert"
+DEADLINE_SLACK_SECONDS = 10.0
 
 
-async def one_cycle(server: ScopeServer) -> dict[str, float]:
-    async with ScopeClient() as client:
-        await client.connect(server, "alice")
-        await client.expect("ready")
-        peer = await client.start_session(pipeline="invert")
-        await peer.wait_connected()
-        await peer.wait_frames(10)
+async def peer_closed_at(server: Server, session_id: str) -> tuple[float, float | None]:
+    """When the server closed the peer, and (project) when the record read closed; Unix times."""
+    if isinstance(server, BareHandle):
+        return await server.peer_closed_at(session_id), None
+    record = await asyncio.to_thread(server.closed_session, session_id)
+    return event_time(record, "peer_closed"), event_time(record, "closed")
+
+
+def ms_since(moment: float, later: float | None) -> float | None:
+    return None if later is None else (later - moment) * 1000
+
+
+async def socket_close_cycle(server: Server) -> Cycle:
+    async with BenchClient() as client:
+        peer = await streaming(client, server, PIPELINE, frames=10)
         closed_wall, closed_mono = time.time(), time.monotonic()
         await client.close_socket()
         await peer.wait_server_closed(5)
         dtls_seen = time.monotonic() - closed_mono
         await asyncio.sleep(SETTLE_SECONDS)
         last_frame = peer.last_frame_at - closed_mono
-    record = await asyncio.to_thread(server.closed_session, peer.session_id)
+    peer_closed, closed = await peer_closed_at(server, peer.session_id)
     return {
-        "peer_closed": (event_time(record, "peer_closed") - closed_wall) * 1000,
-        "closed": (event_time(record, "closed") - closed_wall) * 1000,
+        "peer_closed": ms_since(closed_wall, peer_closed),
+        "closed": ms_since(closed_wall, closed),
         "dtls_seen": dtls_seen * 1000,
         "last_frame": last_frame * 1000,
     }
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median": round(statistics.median(ordered), 1),
-        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 1),
-        "worst": round(ordered[-1], 1),
-    }
+async def request_close(client: BenchClient, server: Server, session_id: str) -> None:
+    """DELETE as the owner (project) or ``close`` on the socket (bare); returns once acknowledged."""
+    if isinstance(server, BareHandle):
+        request_id = uuid.uuid4().hex
+        await client.send({"type": "close", "sessionId": session_id, "request_id": request_id})
+        await client.expect("closed", request_id=request_id)
+        return
+    response = await asyncio.to_thread(server.api, "DELETE", f"/api/v1/webrtc/offer/{session_id}", user="alice")
+    if response.status_code != 204:
+        raise AssertionError(f"DELETE answered {response.status_code}: {response.text[:500]}")
 
 
-async def run(server: ScopeServer, cycles: int) -> list[dict[str, float]]:
-    return [await one_cycle(server) for _ in range(cycles)]
+async def request_close_cycle(server: Server) -> Cycle:
+    async with BenchClient() as client:
+        peer = await streaming(client, server, PIPELINE, frames=10)
+        sent_wall, sent_mono = time.time(), time.monotonic()
+        await request_close(client, server, peer.session_id)
+        ack = time.monotonic() - sent_mono
+        await peer.wait_server_closed(5)
+    peer_closed, _ = await peer_closed_at(server, peer.session_id)
+    return {"ack": ack * 1000, "peer_closed": ms_since(sent_wall, peer_closed)}
+
+
+async def max_duration_cycle(server: ScopeServer, max_seconds: float) -> Cycle:
+    async with BenchClient() as client:
+        peer = await streaming(client, server, PIPELINE, frames=10)
+        await client.wait_closed(max_seconds + DEADLINE_SLACK_SECONDS)
+    record = await asyncio.to_thread(server.closed_session, peer.session_id)
+    if record["close_reason"] != "MAX_DURATION_EXCEEDED":
+        raise AssertionError(f"session {peer.session_id} closed as {record['close_reason']}, not by its deadline")
+    deadline = datetime.fromisoformat(record["deadline_at"]).timestamp()
+    return {kind: ms_since(deadline, event_time(record, kind)) for kind in ("closing", "peer_closed", "closed")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["embedded", "scaled"], default="embedded")
+    parser.add_argument("--targets", type=target_list, default=list(TARGETS))
     parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--max-seconds", type=float, default=2.0, help="SCOPE_MAX_SESSION_SECONDS for max_duration")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        start = start_embedded if args.mode == "embedded" else start_scaled
-        with start(Path(tmp)) as server:
-            results = asyncio.run(run(server, args.cycles))
-    print(json.dumps({
-        "mode": args.mode,
+
+    async def closes(server: Server) -> dict[str, list[Cycle]]:
+        return {
+            "socket_close": [await socket_close_cycle(server) for _ in range(args.cycles)],
+            "request_close": [await request_close_cycle(server) for _ in range(args.cycles)],
+        }
+
+    async def deadlines(server: Server) -> list[Cycle]:
+        assert isinstance(server, ScopeServer)
+        return [await max_duration_cycle(server, args.max_seconds) for _ in range(args.cycles)]
+
+    by_target = on_each(args.targets, closes)
+    project = [target for target in args.targets if target in PROJECT_TARGETS]
+    late = on_each(project, deadlines, SCOPE_MAX_SESSION_SECONDS=args.max_seconds)
+    emit({
+        "bench": "teardown",
+        "unit": "ms",
         "cycles": args.cycles,
-        "ms": {key: summary([r[key] for r in results]) for key in results[0]},
-    }, indent=2))
+        "pipeline": PIPELINE,
+        "max_session_seconds": args.max_seconds,
+        **{
+            section: figures({target: results[section] for target, results in by_target.items()})
+            for section in ("socket_close", "request_close")
+        },
+        "max_duration": figures(late),
+    })
 
 
 if __name__ == "__main__":

@@ -312,6 +312,11 @@ class FrameProcessor:
             host = self._staging.to(self._device, non_blocking=True)
         return host.permute(2, 0, 1).unsqueeze(0)
 
+    @property
+    def is_passthrough(self) -> bool:
+        """True while the session's pipeline leaves frames as they are."""
+        return isinstance(self._pipeline, PassthroughPipeline)
+
     def process(self, rgb: np.ndarray) -> np.ndarray:
         """Run the pipeline on one ``H x W x 3`` uint8 RGB frame; returns a C-contiguous frame."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:

@@ -75,6 +75,9 @@ class PipelineTrack(MediaStreamTrack):
         return processed
 
     def _process(self, frame: VideoFrame) -> VideoFrame:
+        if self._processor.is_passthrough:
+            # The decoded frame goes straight to the encoder: no RGB round trip.
+            return frame
         rgb = frame.to_ndarray(format="rgb24")
         out = VideoFrame.from_ndarray(self._processor.process(rgb), format="rgb24")
         out.pts = frame.pts

@@ -33,6 +33,7 @@ from sessions_app.models import CloseReason, SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
 
 from .ice import enforce_ice_addresses
+from .jitter import release_frames_on_marker
 from .parameters import apply_update
 from .pipelines import FrameProcessor, pick_device
 from .tracks import PipelineTrack
@@ -73,6 +74,8 @@ class MediaWorker:
     def __init__(self, *, capacity: int, device: torch.device | None = None) -> None:
         self.capacity = capacity
         self.device = device or pick_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.SCOPE_TORCH_THREADS)
         self.channel_layer = get_channel_layer()
         self.channel_name = ""
         self.worker_id: int | None = None
@@ -97,6 +100,8 @@ class MediaWorker:
 
     async def start(self) -> None:
         enforce_ice_addresses(settings.SCOPE_ICE_ENFORCE_LIST)
+        if settings.SCOPE_RELEASE_ON_MARKER:
+            release_frames_on_marker()
         self.channel_name = await self.channel_layer.new_channel("mediaworker.")
         worker = await _db(
             services.worker_register,
@@ -170,6 +175,7 @@ class MediaWorker:
             services.worker_heartbeat,
             worker_id=self.worker_id,
             peer_count=self.peer_count,
+            asyncio_tasks=len(asyncio.all_tasks()),
             frames={sid: peer.frame_counts() for sid, peer in self._peers.items()},
         )
 

@@ -192,6 +192,12 @@ SCOPE_MAX_SESSIONS_PER_SOCKET = int(env_float("SCOPE_MAX_SESSIONS_PER_SOCKET", 4
 SCOPE_DEFAULT_PIPELINE = os.environ.get("SCOPE_DEFAULT_PIPELINE", "passthrough")
 SCOPE_ALLOW_ANONYMOUS = env_bool("SCOPE_ALLOW_ANONYMOUS", SCOPE_EMBEDDED)
 SCOPE_ICE_ENFORCE_LIST = env_list("SCOPE_ICE_ENFORCE_LIST", [])
+# torch's intra-op threads on a CPU worker: the pipeline thread shares the cores
+# with the codec threads, and more threads made each op slower here, not faster.
+SCOPE_TORCH_THREADS = int(env_float("SCOPE_TORCH_THREADS", 1))
+# Hand a received video frame to the decoder at its RTP marker bit rather than
+# at the next frame's first packet (media_pipeline/jitter.py): one frame less latency.
+SCOPE_RELEASE_ON_MARKER = env_bool("SCOPE_RELEASE_ON_MARKER", True)
 SCOPE_SESSION_FILES_DIR = Path(os.environ.get("SCOPE_SESSION_FILES_DIR", BASE_DIR / "var" / "sessions"))
 # How long negotiation (offer → answer) and teardown may take before giving up.
 SCOPE_NEGOTIATION_TIMEOUT_SECONDS = env_float("SCOPE_NEGOTIATION_TIMEOUT_SECONDS", 10)

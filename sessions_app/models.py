@@ -19,6 +19,8 @@ class Worker(models.Model):
     heartbeat_at = models.DateTimeField()
     # Peer connections the worker actually holds, as it last reported.
     peer_count = models.PositiveIntegerField(default=0)
+    # Tasks on its event loop, as it last reported: a leak shows as growth here.
+    asyncio_tasks = models.PositiveIntegerField(default=0)
     started_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

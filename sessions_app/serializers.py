@@ -54,7 +54,8 @@ class WorkerSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Worker
-        fields = ["id", "host", "pid", "device", "capacity", "slots_used", "peer_count", "state", "heartbeat_at"]
+        fields = ["id", "host", "pid", "device", "capacity", "slots_used", "peer_count", "asyncio_tasks", "state",
+                  "heartbeat_at"]
         read_only_fields = fields
 
 

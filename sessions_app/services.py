@@ -94,9 +94,13 @@ class FrameCounts:
 
 
 @transaction.atomic
-def worker_heartbeat(*, worker_id: int, peer_count: int, frames: dict[str, FrameCounts]) -> None:
-    """Record that the worker is alive, how many peers it holds and its sessions' frame counts."""
-    Worker.objects.filter(pk=worker_id).update(heartbeat_at=timezone.now(), peer_count=peer_count)
+def worker_heartbeat(
+    *, worker_id: int, peer_count: int, frames: dict[str, FrameCounts], asyncio_tasks: int = 0
+) -> None:
+    """Record that the worker is alive, what it holds (peers, event-loop tasks) and its sessions' frame counts."""
+    Worker.objects.filter(pk=worker_id).update(
+        heartbeat_at=timezone.now(), peer_count=peer_count, asyncio_tasks=asyncio_tasks
+    )
     for session_id, counts in frames.items():
         StreamSession.objects.filter(pk=session_id, worker_id=worker_id).update(
             frames_in=counts.frames_in, frames_out=counts.frames_out

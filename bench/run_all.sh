@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run every bench, one after another, each writing its JSON to bench/results/<UTC time>/<bench>.json.
+#   bench/run_all.sh           full runs (tens of minutes; nothing else should load the machine)
+#   bench/run_all.sh --smoke   tiny runs that only check the scripts work (a few minutes in all)
+# Prints each result's path; exits 1 if any bench failed (the others still run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=.venv/bin/python
+out="bench/results/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$out"
+
+if [[ "${1:-}" == "--smoke" ]]; then
+  setup=(--cycles 3)
+  media=(--sessions 2 --seconds 2 --pipelines passthrough,edges --slow-seconds 5)
+  teardown=(--cycles 2)
+  capacity=(--max-sessions 3 --seconds 2)
+  churn=(--cycles 20 --checkpoint 10)
+  gpu_check=(--frames 10)
+else
+  setup=() media=() teardown=() capacity=() churn=() gpu_check=()
+fi
+
+status=0
+run() {
+  local name=$1
+  shift
+  if "$python" -m "bench.$name" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
+    echo "$out/$name.json"
+  else
+    echo "FAILED: bench.$name (see $out/$name.log)" >&2
+    status=1
+  fi
+}
+
+run setup "${setup[@]}"
+run media "${media[@]}"
+run teardown "${teardown[@]}"
+run capacity "${capacity[@]}"
+run churn "${churn[@]}"
+run gpu_check "${gpu_check[@]}"
+exit $status
