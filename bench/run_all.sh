@@ -16,26 +16,31 @@ if [[ "${1:-}" == "--smoke" ]]; then
   capacity=(--max-sessions 3 --seconds 2)
   churn=(--cycles 20 --checkpoint 10)
   gpu_check=(--frames 10)
+  marker_off=(--targets embedded,bare --sessions 1 --seconds 2 --pipelines passthrough --slow-seconds 5)
 else
-  setup=() media=() teardown=() capacity=() churn=() gpu_check=()
+  setup=(--cycles 30) media=() teardown=(--cycles 30) capacity=() churn=() gpu_check=()
+  marker_off=(--targets embedded,bare --sessions 1 --seconds 20 --pipelines passthrough,invert --slow-seconds 10)
 fi
 
 status=0
 run() {
-  local name=$1
-  shift
-  if "$python" -m "bench.$name" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
+  # run <result name> <bench module> <args...>
+  local name=$1 module=$2
+  shift 2
+  if "$python" -m "bench.$module" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
     echo "$out/$name.json"
   else
-    echo "FAILED: bench.$name (see $out/$name.log)" >&2
+    echo "FAILED: bench.$module (see $out/$name.log)" >&2
     status=1
   fi
 }
 
-run setup "${setup[@]}"
-run media "${media[@]}"
-run teardown "${teardown[@]}"
-run capacity "${capacity[@]}"
-run churn "${churn[@]}"
-run gpu_check "${gpu_check[@]}"
+run setup setup "${setup[@]}"
+run media media "${media[@]}"
+# The control for the marker-bit release: the project with aiortc's stock jitter buffer.
+SCOPE_RELEASE_ON_MARKER=0 run media_marker_off media "${marker_off[@]}"
+run teardown teardown "${teardown[@]}"
+run capacity capacity "${capacity[@]}"
+run churn churn "${churn[@]}"
+run gpu_check gpu_check "${gpu_check[@]}"
 exit $status

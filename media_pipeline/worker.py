@@ -12,14 +12,20 @@ import logging
 import os
 import shutil
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import torch
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.sdp import candidate_from_sdp
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -28,7 +34,14 @@ from django.utils import timezone
 
 from sessions_app import errors, services
 from sessions_app.errors import ScopeError
-from sessions_app.messages import PeerCandidate, PeerClose, PeerOffer, PeerParameters, SignalingAnswer, SignalingError
+from sessions_app.messages import (
+    PeerCandidate,
+    PeerClose,
+    PeerOffer,
+    PeerParameters,
+    SignalingAnswer,
+    SignalingError,
+)
 from sessions_app.models import CloseReason, SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
 
@@ -58,6 +71,9 @@ class PeerSession:
     track: PipelineTrack | None = None
     deadline_timer: asyncio.TimerHandle | None = None
     closing: bool = False
+    # When inbound media last moved (loop clock), and the count it moved to.
+    media_seen_at: float = field(default_factory=time.monotonic)
+    media_frames_seen: int = 0
 
     def frame_counts(self) -> FrameCounts:
         if self.track is None:
@@ -115,12 +131,15 @@ class MediaWorker:
         self._loops = [
             asyncio.create_task(self._receive_loop(), name="mediaworker-receive"),
             asyncio.create_task(self._heartbeat_loop(), name="mediaworker-heartbeat"),
+            asyncio.create_task(self._idle_loop(), name="mediaworker-idle"),
         ]
         logger.info("media worker %s on %s, capacity %s, channel %s", self.worker_id, self.device,
                     self.capacity, self.channel_name)
 
     async def stop(self) -> None:
-        """Close every session this worker holds, then stop listening. Idempotent."""
+        """Drain: take no new sessions, close every session held (SERVER_SHUTDOWN), stop listening. Idempotent."""
+        if self.worker_id is not None:
+            await _db(services.worker_drain, worker_id=self.worker_id)
         for task in self._loops:
             task.cancel()
         for session_id in list(self._peers):
@@ -170,14 +189,34 @@ class MediaWorker:
             except Exception:
                 logger.exception("heartbeat failed")
 
+    async def _idle_loop(self) -> None:
+        """End sessions whose inbound media stopped for SCOPE_IDLE_TIMEOUT_SECONDS (a vanished client)."""
+        idle_after = settings.SCOPE_IDLE_TIMEOUT_SECONDS
+        while True:
+            await asyncio.sleep(min(1.0, idle_after / 4))
+            now = time.monotonic()
+            for peer in list(self._peers.values()):
+                frames_in = peer.frame_counts().frames_in
+                if frames_in != peer.media_frames_seen:
+                    peer.media_frames_seen, peer.media_seen_at = frames_in, now
+                elif not peer.closing and now - peer.media_seen_at > idle_after:
+                    peer.media_seen_at = now  # one close request per idle period
+                    self._spawn(self._close_for(peer.session_id, CloseReason.IDLE_TIMEOUT, "idle"),
+                                f"idle-{peer.session_id}")
+
     async def _report(self) -> None:
-        await _db(
+        stale = await _db(
             services.worker_heartbeat,
             worker_id=self.worker_id,
             peer_count=self.peer_count,
             asyncio_tasks=len(asyncio.all_tasks()),
             frames={sid: peer.frame_counts() for sid, peer in self._peers.items()},
         )
+        for session_id in stale:
+            peer = self._peers.get(session_id)
+            if peer is not None and not peer.closing:
+                logger.warning("session %s is closed but this worker still held its peer: dropping it", session_id)
+                self._spawn(self._teardown(session_id), f"drop-{session_id}")
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())
@@ -188,9 +227,7 @@ class MediaWorker:
         session_id = message["session_id"]
         async with self._lock(session_id):
             try:
-                answer, deadline_at = await asyncio.wait_for(
-                    self._negotiate(message), settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS
-                )
+                answer = await asyncio.wait_for(self._negotiate(message), settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
             except Exception as exc:
                 code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
                 if not isinstance(exc, ScopeError):
@@ -203,21 +240,25 @@ class MediaWorker:
                 await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
                           by=f"worker:{self.worker_id}:negotiation")
                 return
-            if answer is None:
-                return  # the session was closed while negotiating; peer.close follows
-            self._arm_deadline(session_id, deadline_at)
+            peer = self._peers.get(session_id)
+            if peer is None or peer.closing:
+                return  # closed while negotiating: its teardown is waiting for this lock
             response: SignalingAnswer = {
                 "type": "signaling.answer", "session_id": session_id, "sdp": answer.sdp, "sdp_type": answer.type,
                 "request_id": message["request_id"],
             }
+            # The answer goes first and is recorded after: the client's setup waits on
+            # the answer, not on the database. A session closed meanwhile gets its
+            # close right behind it.
             await self.channel_layer.send(message["reply_channel"], response)
+            deadline_at = await _db(services.session_answered, session_id=session_id)
+            if deadline_at is not None:
+                self._arm_deadline(session_id, deadline_at)
 
-    async def _negotiate(self, message: PeerOffer) -> tuple[RTCSessionDescription | None, datetime | None]:
+    async def _negotiate(self, message: PeerOffer) -> RTCSessionDescription:
         session_id = message["session_id"]
-        loop = asyncio.get_running_loop()
-        processor = await loop.run_in_executor(
-            self._pipeline_executor, FrameProcessor, message["pipeline"], message["parameters"], self.device
-        )
+        # Built on a thread of its own: the pipeline thread may be busy with other sessions' frames.
+        processor = await asyncio.to_thread(FrameProcessor, message["pipeline"], message["parameters"], self.device)
         ice_servers = [RTCIceServer(**server) for server in settings.SCOPE_ICE_SERVERS]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers))
         files_dir = Path(settings.SCOPE_SESSION_FILES_DIR) / session_id
@@ -250,10 +291,7 @@ class MediaWorker:
         if peer.track is None:
             raise ScopeError(errors.INVALID_SDP, "The offer sends no video.")
         await pc.setLocalDescription(await pc.createAnswer())
-        deadline_at = await _db(services.session_answered, session_id=session_id)
-        if deadline_at is None:
-            return None, None
-        return pc.localDescription, deadline_at
+        return pc.localDescription
 
     @staticmethod
     def _write_session_files(peer: PeerSession, offer_sdp: str) -> None:

@@ -14,6 +14,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from scope_site import daphne_limits  # noqa: E402
 from sessions_app.auth import TokenAuthMiddleware  # noqa: E402
 from sessions_app.routing import websocket_urlpatterns  # noqa: E402
+from sessions_app.shutdown import install_sigterm_drain  # noqa: E402
 
 daphne_limits.install()
 
@@ -27,17 +28,19 @@ router = ProtocolTypeRouter(
 )
 
 
-class EmbeddedWorkerApplication:
-    """Starts the in-process media worker before the first connection is served."""
+class ScopeApplication:
+    """Before the first connection is served: SIGTERM drains this process; embedded, its media worker starts."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        from media_pipeline import embedded
+        install_sigterm_drain()
+        if settings.SCOPE_EMBEDDED:
+            from media_pipeline import embedded
 
-        await embedded.ensure_started()
+            await embedded.ensure_started()
         return await self.inner(scope, receive, send)
 
 
-application = EmbeddedWorkerApplication(router) if settings.SCOPE_EMBEDDED else router
+application = ScopeApplication(router)

@@ -69,6 +69,8 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "sessions_app",
     "media_pipeline",
 ]
@@ -136,10 +138,16 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "stream"
 LOGOUT_REDIRECT_URL = "stream"
 
+# Shared by every web process when scaled: the rate limits count here.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "scope_site.channel_layers.ReconnectingRedisChannelLayer",
             # redis-py's default 5 s read timeout equals channels_redis's 5 s
             # blocking pop, so idle receives would fail: read for longer.
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
@@ -159,7 +167,25 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sessions_app.api_errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+# The OpenAPI schema at /api/v1/schema/ and its browsable UI, served from this server's own files.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Scope server API",
+    "DESCRIPTION": "Signaling over HTTP, sessions and workers. Errors read {code, detail}.",
+    "VERSION": "1",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SessionStateEnum": "sessions_app.models.StreamSession.State",
+        "WorkerStateEnum": "sessions_app.models.Worker.State",
+    },
 }
 
 # Celery: Redis broker when scaled; eager (in-process) when embedded.
@@ -189,6 +215,9 @@ SCOPE_HEARTBEAT_SECONDS = env_float("SCOPE_HEARTBEAT_SECONDS", 2)
 SCOPE_SWEEP_SECONDS = env_float("SCOPE_SWEEP_SECONDS", 2)
 SCOPE_WORKER_CAPACITY = int(env_float("SCOPE_WORKER_CAPACITY", 4))
 SCOPE_MAX_SESSIONS_PER_SOCKET = int(env_float("SCOPE_MAX_SESSIONS_PER_SOCKET", 4))
+SCOPE_MAX_SESSIONS_PER_USER = int(env_float("SCOPE_MAX_SESSIONS_PER_USER", 16))
+SCOPE_CONNECTIONS_PER_MINUTE = int(env_float("SCOPE_CONNECTIONS_PER_MINUTE", 600))
+SCOPE_OFFERS_PER_MINUTE = int(env_float("SCOPE_OFFERS_PER_MINUTE", 600))
 SCOPE_DEFAULT_PIPELINE = os.environ.get("SCOPE_DEFAULT_PIPELINE", "passthrough")
 SCOPE_ALLOW_ANONYMOUS = env_bool("SCOPE_ALLOW_ANONYMOUS", SCOPE_EMBEDDED)
 SCOPE_ICE_ENFORCE_LIST = env_list("SCOPE_ICE_ENFORCE_LIST", [])
@@ -209,3 +238,6 @@ except json.JSONDecodeError as exc:
     raise ImproperlyConfigured(f"SCOPE_ICE_SERVERS must be a JSON list: {exc}") from exc
 if not isinstance(SCOPE_ICE_SERVERS, list):
     raise ImproperlyConfigured("SCOPE_ICE_SERVERS must be a JSON list")
+
+# The safety-net sweep (sessions_app.tasks); embedded mode runs it on an in-process timer instead.
+CELERY_BEAT_SCHEDULE = {"sweep": {"task": "sessions_app.sweep", "schedule": SCOPE_SWEEP_SECONDS}}

@@ -5,6 +5,13 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.permissions import BasePermission, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
@@ -13,19 +20,26 @@ from rest_framework.views import APIView
 
 from media_pipeline.pipelines import available_pipelines, validate_parameters
 
-from . import channels_util, errors, selectors, services
+from . import channels_util, errors, limits, selectors, services
 from .api_errors import NegotiationTimeout
 from .errors import ScopeError
 from .messages import session_group
 from .models import CloseReason, StreamSession
 from .sdp import validate_offer
 from .serializers import (
+    AnswerSerializer,
     CandidatesInputSerializer,
+    ErrorSerializer,
+    IceServersSerializer,
     OfferInputSerializer,
+    PipelineSerializer,
     StreamSessionDetailSerializer,
     StreamSessionSerializer,
     WorkerSerializer,
 )
+
+ERROR = OpenApiResponse(ErrorSerializer, description="{code, detail}; the code says what was wrong.")
+SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's id.")
 
 # Every id reaches the selectors, so a malformed one reads UNKNOWN_SESSION like any other.
 ANY_SESSION_ID = r"[^/]+"
@@ -41,6 +55,7 @@ class StreamingAllowed(BasePermission):
 class IceServersView(APIView):
     permission_classes = [StreamingAllowed]
 
+    @extend_schema(responses={200: IceServersSerializer, 401: ERROR})
     def get(self, request: Request) -> Response:
         return Response({"iceServers": settings.SCOPE_ICE_SERVERS})
 
@@ -50,6 +65,7 @@ class PipelinesView(APIView):
 
     permission_classes = [StreamingAllowed]
 
+    @extend_schema(responses={200: PipelineSerializer(many=True), 401: ERROR})
     def get(self, request: Request) -> Response:
         return Response(
             [
@@ -64,6 +80,19 @@ class PipelinesView(APIView):
         )
 
 
+@extend_schema_view(
+    create=extend_schema(
+        request=OfferInputSerializer,
+        responses={201: AnswerSerializer, 400: ERROR, 401: ERROR, 502: ERROR, 503: ERROR, 504: ERROR},
+    ),
+    partial_update=extend_schema(
+        parameters=[SESSION_ID], request=CandidatesInputSerializer, responses={204: None, 400: ERROR, 404: ERROR}
+    ),
+    destroy=extend_schema(
+        parameters=[SESSION_ID],
+        responses={204: None, 202: StreamSessionDetailSerializer, 401: ERROR, 404: ERROR},
+    ),
+)
 class OfferViewSet(viewsets.ViewSet):
     """HTTP signaling: offer in, answer out; trickled candidates; close."""
 
@@ -82,6 +111,7 @@ class OfferViewSet(viewsets.ViewSet):
         pipeline, parameters = validate_parameters(
             body.validated_data.get("initialParameters") or {}, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
         )
+        limits.check_offer(user=request.user, address=request.META.get("REMOTE_ADDR"))
         session = services.session_create_placed(owner=request.user)
         session_id = str(session.pk)
         timeout = settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS
@@ -147,6 +177,13 @@ class OfferViewSet(viewsets.ViewSet):
         return Response(StreamSessionDetailSerializer(session).data, status=status.HTTP_202_ACCEPTED)
 
 
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[OpenApiParameter("state", OpenApiTypes.STR, enum=StreamSession.State.values)],
+        responses={200: StreamSessionSerializer(many=True), 400: ERROR, 401: ERROR},
+    ),
+    retrieve=extend_schema(parameters=[SESSION_ID], responses={200: StreamSessionDetailSerializer, 404: ERROR}),
+)
 class SessionViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """Sessions as operators see them: staff every one, a user their own."""
 

@@ -1,6 +1,7 @@
 """``/api/v1/`` routes. Each answers with and without a trailing slash, never redirecting."""
 
 from django.urls import re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from . import api
@@ -21,5 +22,7 @@ router.register("workers", api.WorkerViewSet, basename="worker")
 urlpatterns = [
     re_path(r"^webrtc/ice-servers/?$", api.IceServersView.as_view(), name="webrtc-ice-servers"),
     re_path(r"^pipelines/?$", api.PipelinesView.as_view(), name="pipelines"),
+    re_path(r"^schema/?$", SpectacularAPIView.as_view(), name="schema"),
+    re_path(r"^schema/ui/?$", SpectacularSwaggerView.as_view(url_name="schema"), name="schema-ui"),
     *router.urls,
 ]

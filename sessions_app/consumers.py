@@ -10,22 +10,32 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from . import errors, selectors, services
+from . import errors, limits, liveness, selectors, services
 from .errors import CLOSE_CODES, ScopeError, close_message
-from .messages import QUEUE_GROUP, QueueChanged, SessionEnded, SignalingAnswer, SignalingError
+from .messages import (
+    QUEUE_GROUP,
+    QueueChanged,
+    SessionEnded,
+    SignalingAnswer,
+    SignalingError,
+    SignalingShutdown,
+)
 from .models import CloseReason
 from .sdp import validate_offer
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4003
+# Refused for a rate limit before any session existed (HTTP's 429, in the application range).
+CLOSE_RATE_LIMITED = 4029
 MAX_USER_ID_LENGTH = 128
 
 
@@ -38,6 +48,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         self.connection_id = uuid.uuid4().hex
         self.authorized = False
+        self.ended = False
         self.user_label = ""
         # Open sessions of this socket, oldest first; the first is reserved at connect.
         self.session_ids: list[str] = []
@@ -51,13 +62,29 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self._send_error(errors.UNAUTHORIZED, "Authentication required.")
             await self.close(CLOSE_UNAUTHORIZED)
             return
+        try:
+            await _db(limits.check_connection)(user=self.user, address=self._address())
+            session = await _db(services.session_create)(
+                owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
+            )
+        except ScopeError as exc:
+            await self._send_error(exc.code, exc.message)
+            await self.close(CLOSE_RATE_LIMITED)
+            return
         self.authorized = True
-        session = await _db(services.session_create)(
-            owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
-        )
+        liveness.socket_opened(self.connection_id, self.channel_name)
         self.reserved_session_id = str(session.pk)
         self.session_ids.append(self.reserved_session_id)
         await self._offer_slot()
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Channels skips disconnect() when a consumer crashes or is cancelled;
+            # its sessions must end with it all the same.
+            if getattr(self, "authorized", False) and not self.ended:
+                await asyncio.shield(self._end_sessions(f"socket:{self.connection_id}:consumer-ended"))
 
     async def disconnect(self, code: int) -> None:
         for timer in self.timers.values():
@@ -66,13 +93,15 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             task.cancel()
         if self.queued:
             await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
-        if not self.authorized:
-            return
-        # Every session this socket created ends with it, even ones it lost track of.
+        if self.authorized:
+            await self._end_sessions(f"socket:{self.connection_id}")
+
+    async def _end_sessions(self, by: str) -> None:
+        """Every session this socket created ends with it (CLIENT_DISCONNECT), even ones it lost track of. Once."""
+        self.ended = True
+        liveness.socket_closed(self.connection_id)
         for session_id in await _db(selectors.open_sessions_of_connection)(connection_id=self.connection_id):
-            await _db(services.session_close)(
-                session_id=session_id, reason=CloseReason.CLIENT_DISCONNECT, by=f"socket:{self.connection_id}"
-            )
+            await _db(services.session_close)(session_id=session_id, reason=CloseReason.CLIENT_DISCONNECT, by=by)
 
     # --- the ready gate ------------------------------------------------------
 
@@ -148,6 +177,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         pipeline, parameters = validate_parameters(
             message.get("initialParameters"), default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
         )
+        await _db(limits.check_offer)(user=self.user, address=self._address())
         session_id = await self._session_for_offer()
         session = await _db(services.session_offer)(
             session_id=session_id, pipeline=pipeline, parameters=parameters, sdp=sdp, sdp_type="offer",
@@ -243,6 +273,15 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self._send_error(message["code"], message["error"], request_id=message["request_id"],
                                session_id=message["session_id"])
 
+    async def signaling_shutdown(self, message: SignalingShutdown) -> None:
+        """This web process is stopping: end this socket's sessions; the last one's end closes it (4012)."""
+        for session_id in await _db(selectors.open_sessions_of_connection)(connection_id=self.connection_id):
+            await _db(services.session_close)(
+                session_id=session_id, reason=CloseReason.SERVER_SHUTDOWN, by=f"socket:{self.connection_id}:shutdown"
+            )
+        if not self.session_ids:
+            await self.close(CLOSE_CODES[CloseReason.SERVER_SHUTDOWN])
+
     async def session_ended(self, message: SessionEnded) -> None:
         session_id, reason = message["session_id"], message["reason"]
         if session_id not in self.session_ids:
@@ -259,6 +298,10 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         code = CLOSE_CODES.get(reason)
         if not self.session_ids and code is not None:
             await self.close(code)
+
+    def _address(self) -> str | None:
+        client = self.scope.get("client")
+        return client[0] if client else None
 
     # --- sending -----------------------------------------------------------------
 

@@ -53,6 +53,12 @@ class SignalingError(TypedDict):
     request_id: Any
 
 
+class SignalingShutdown(TypedDict):
+    """To each of a stopping web process's own sockets."""
+
+    type: Literal["signaling.shutdown"]
+
+
 class SessionEnded(TypedDict):
     type: Literal["session.ended"]
     session_id: str

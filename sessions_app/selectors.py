@@ -1,7 +1,7 @@
 """Reads. Nothing here writes."""
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -108,3 +108,32 @@ def open_sessions_of_worker(*, worker_id: int) -> list[StreamSession]:
             worker_id=worker_id, state__in=StreamSession.OPEN_STATES
         )
     )
+
+
+def sessions_with_silent_signaling(*, silent_after: datetime) -> list[str]:
+    """Open socket-signaled sessions whose web process has not vouched for their socket lately."""
+    return [
+        str(pk)
+        for pk in StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES)
+        .exclude(signaling_channel="")
+        .filter(signaling_seen_at__lt=silent_after)
+        .values_list("pk", flat=True)
+    ]
+
+
+def sessions_past_deadline() -> list[str]:
+    return [
+        str(pk)
+        for pk in StreamSession.objects.filter(
+            state__in=StreamSession.OPEN_STATES, deadline_at__lt=timezone.now()
+        ).values_list("pk", flat=True)
+    ]
+
+
+def sessions_closing_since(*, before: datetime) -> list[str]:
+    return [
+        str(pk)
+        for pk in StreamSession.objects.filter(state=StreamSession.State.CLOSING, closing_at__lt=before).values_list(
+            "pk", flat=True
+        )
+    ]

@@ -91,3 +91,38 @@ class CandidatesInputSerializer(serializers.Serializer):
             else None
             for item in candidates
         ]
+
+
+# --- shapes for the OpenAPI schema only -------------------------------------------
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="One of the design's codes, e.g. UNKNOWN_SESSION, INVALID_SDP.")
+    detail = serializers.CharField()
+
+
+class AnswerSerializer(serializers.Serializer):
+    sdp = serializers.CharField()
+    type = serializers.CharField()
+    sessionId = serializers.UUIDField()
+
+
+class IceServersSerializer(serializers.Serializer):
+    iceServers = serializers.ListField(child=serializers.DictField())
+
+
+class ParameterSpecSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.ChoiceField(choices=["int", "float", "bool", "choice"])
+    default = serializers.JSONField()
+    minimum = serializers.FloatField(allow_null=True)
+    maximum = serializers.FloatField(allow_null=True)
+    choices = serializers.ListField(child=serializers.CharField())
+    label = serializers.CharField()
+
+
+class PipelineSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    label = serializers.CharField()
+    default = serializers.BooleanField()
+    parameters = ParameterSpecSerializer(many=True)

@@ -40,12 +40,14 @@ logger = logging.getLogger(__name__)
 # --- channel-layer sends, only after commit ---------------------------------
 
 
+# robust: the state is committed either way; a send lost to a channel-layer outage is
+# logged, and the sweep re-sends what matters (a close stuck in ``closing``).
 def _send_after_commit(channel: str, message: dict[str, Any]) -> None:
-    transaction.on_commit(lambda: async_to_sync(get_channel_layer().send)(channel, message))
+    transaction.on_commit(lambda: async_to_sync(get_channel_layer().send)(channel, message), robust=True)
 
 
 def _group_send_after_commit(group: str, message: dict[str, Any]) -> None:
-    transaction.on_commit(lambda: async_to_sync(get_channel_layer().group_send)(group, message))
+    transaction.on_commit(lambda: async_to_sync(get_channel_layer().group_send)(group, message), robust=True)
 
 
 def _announce_session(session: StreamSession) -> None:
@@ -96,8 +98,13 @@ class FrameCounts:
 @transaction.atomic
 def worker_heartbeat(
     *, worker_id: int, peer_count: int, frames: dict[str, FrameCounts], asyncio_tasks: int = 0
-) -> None:
-    """Record that the worker is alive, what it holds (peers, event-loop tasks) and its sessions' frame counts."""
+) -> list[str]:
+    """Record that the worker is alive, what it holds (peers, event-loop tasks) and its sessions' frame counts.
+
+    Returns the sessions it holds a peer for that are already closed — say,
+    ended ``WORKER_LOST`` while it was cut off — so that it drops them: no
+    worker keeps a peer for a closed session.
+    """
     Worker.objects.filter(pk=worker_id).update(
         heartbeat_at=timezone.now(), peer_count=peer_count, asyncio_tasks=asyncio_tasks
     )
@@ -105,6 +112,19 @@ def worker_heartbeat(
         StreamSession.objects.filter(pk=session_id, worker_id=worker_id).update(
             frames_in=counts.frames_in, frames_out=counts.frames_out
         )
+    _announce_worker(worker_id)
+    return [
+        str(pk)
+        for pk in StreamSession.objects.filter(pk__in=list(frames), state=StreamSession.State.CLOSED).values_list(
+            "pk", flat=True
+        )
+    ]
+
+
+@transaction.atomic
+def worker_drain(*, worker_id: int) -> None:
+    """The worker is shutting down gracefully: no new sessions are placed on it."""
+    Worker.objects.filter(pk=worker_id, state=Worker.State.ACTIVE).update(state=Worker.State.DRAINING)
     _announce_worker(worker_id)
 
 
@@ -115,6 +135,32 @@ def worker_retire(*, worker_id: int) -> None:
     _announce_worker(worker_id)
 
 
+@transaction.atomic
+def worker_lost(*, worker_id: int, by: str) -> list[str]:
+    """A worker went silent: mark it gone and end every session it held; the ids ended.
+
+    Nobody is left to tear those peers down or report it, so each session goes
+    straight from ``closing`` to ``closed`` (its trail has no ``peer_closed``)
+    and its slot is free. Sessions already closing keep their reason.
+    """
+    worker = Worker.objects.select_for_update().filter(pk=worker_id).first()
+    if worker is None or worker.state == Worker.State.GONE:
+        return []
+    worker.state = Worker.State.GONE
+    worker.peer_count = 0
+    worker.save(update_fields=["state", "peer_count"])
+    ended = []
+    for session in StreamSession.objects.select_for_update().filter(worker=worker).exclude(
+        state=StreamSession.State.CLOSED
+    ):
+        if session.is_open:
+            _mark_closing(session, reason=CloseReason.WORKER_LOST, by=by)
+        _finish_close(session)
+        ended.append(str(session.pk))
+    _announce_worker(worker_id)
+    return ended
+
+
 # --- sessions: creation, placement, negotiation --------------------------------
 
 
@@ -122,6 +168,11 @@ def worker_retire(*, worker_id: int) -> None:
 def session_create(
     *, owner: AbstractBaseUser | None, connection_id: str = "", signaling_channel: str = ""
 ) -> StreamSession:
+    """A new ``waiting`` session; RATE_LIMITED if its owner already has their most open sessions."""
+    if owner is not None and owner.is_authenticated:
+        limit = settings.SCOPE_MAX_SESSIONS_PER_USER
+        if StreamSession.objects.filter(owner=owner, state__in=StreamSession.OPEN_STATES).count() >= limit:
+            raise ScopeError(errors.RATE_LIMITED, f"At most {limit} open sessions per user.")
     session = StreamSession.objects.create(
         owner=owner if owner is not None and owner.is_authenticated else None,
         connection_id=connection_id,
@@ -282,12 +333,7 @@ def session_close(*, session_id: str, reason: str, by: str) -> bool:
     if not session.is_open:
         return False
     had_peer = session.state != StreamSession.State.WAITING
-    now = timezone.now()
-    session.state = StreamSession.State.CLOSING
-    session.close_reason = reason
-    session.closing_at = now
-    session.save(update_fields=["state", "close_reason", "closing_at"])
-    _record(session, SessionEvent.Kind.CLOSING, at=now, reason=reason, by=by)
+    _mark_closing(session, reason=reason, by=by)
     if had_peer:
         message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": reason}
         _send_after_commit(session.worker.channel_name, message)
@@ -296,6 +342,34 @@ def session_close(*, session_id: str, reason: str, by: str) -> bool:
     else:
         _finish_close(session)
     return True
+
+
+def _mark_closing(session: StreamSession, *, reason: str, by: str) -> None:
+    now = timezone.now()
+    session.state = StreamSession.State.CLOSING
+    session.close_reason = reason
+    session.closing_at = now
+    session.save(update_fields=["state", "close_reason", "closing_at"])
+    _record(session, SessionEvent.Kind.CLOSING, at=now, reason=reason, by=by)
+
+
+@transaction.atomic
+def session_resend_close(*, session_id: str) -> bool:
+    """Tell a closing session's worker again to tear it down (a lost message must not leave it closing)."""
+    session = StreamSession.objects.select_related("worker").filter(pk=session_id).first()
+    if session is None or session.state != StreamSession.State.CLOSING or session.worker is None:
+        return False
+    message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": session.close_reason}
+    _send_after_commit(session.worker.channel_name, message)
+    return True
+
+
+@transaction.atomic
+def signaling_heartbeat(*, connection_ids: list[str]) -> int:
+    """A web process vouches that these sockets are still connected; how many open sessions it touched."""
+    return StreamSession.objects.filter(
+        connection_id__in=connection_ids, state__in=StreamSession.OPEN_STATES
+    ).update(signaling_seen_at=timezone.now())
 
 
 @dataclass(frozen=True)
@@ -337,3 +411,53 @@ def _finish_close(session: StreamSession) -> None:
         queue_changed: QueueChanged = {"type": "queue.changed"}
         _group_send_after_commit(QUEUE_GROUP, queue_changed)
     _announce_session(session)
+
+
+# --- the safety net ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    workers_lost: list[int]
+    closed: dict[str, list[str]]  # reason → session ids this sweep ended
+    resent: list[str]  # closing sessions whose worker was told again
+
+
+def sweep() -> SweepResult:
+    """Find what nobody reported and end it; run every ``SCOPE_SWEEP_SECONDS``.
+
+    - workers silent for 3 heartbeats: gone, their sessions ``WORKER_LOST``;
+    - sessions whose signaling socket's web process went silent: ``SIGNALING_LOST``;
+    - sessions past their deadline: ``MAX_DURATION_EXCEEDED``;
+    - sessions ``closing`` for longer than the close bound: the close re-sent.
+
+    Each step is its own transaction through the services above, so one
+    failing session does not stop the rest.
+    """
+    silent_after = timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
+    lost_workers = list(
+        Worker.objects.filter(state__in=[Worker.State.ACTIVE, Worker.State.DRAINING], heartbeat_at__lt=silent_after)
+        .values_list("pk", flat=True)
+    )
+    closed: dict[str, list[str]] = {}
+    for worker_id in lost_workers:
+        ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
+        closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
+    for reason, sessions in (
+        (CloseReason.SIGNALING_LOST, selectors.sessions_with_silent_signaling(silent_after=silent_after)),
+        (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
+    ):
+        for session_id in sessions:
+            if _close_quietly(session_id, reason):
+                closed.setdefault(reason, []).append(session_id)
+    stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
+    resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since) if session_resend_close(session_id=sid)]
+    return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent)
+
+
+def _close_quietly(session_id: str, reason: str) -> bool:
+    try:
+        return session_close(session_id=session_id, reason=reason, by="sweep")
+    except Exception:
+        logger.exception("sweep could not close session %s (%s)", session_id, reason)
+        return False

@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The interpreter running the tests is the project's venv; its scripts sit beside it.
 PYTHON = sys.executable
 DAPHNE = str(Path(sys.executable).parent / "daphne")
+CELERY = str(Path(sys.executable).parent / "celery")
 HOST = "127.0.0.1"
 
 USERS = ("staff", "alice", "bob")
@@ -139,8 +140,13 @@ class ScopeServer:
     tokens: dict[str, str] = field(default_factory=dict)
     web_process: subprocess.Popen[bytes] | None = None
     worker_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    # Scaled mode's private Redis; its ``args`` restart it on the same port.
+    # Scaled mode's private Redis, the one running now; every one started is stopped with the server.
     redis_process: subprocess.Popen[bytes] | None = None
+    redis_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # Scaled mode's Celery worker with beat (the safety-net sweep).
+    celery_process: subprocess.Popen[bytes] | None = None
+    # Every process started for this server (restarts included): all are stopped with it.
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     http: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +195,21 @@ class ScopeServer:
         self, predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = ""
     ) -> T:
         return await wait_until_async(predicate, timeout, interval, what)
+
+    def restart_redis(self) -> None:
+        """Kill Redis (every channel, group and queued message is lost) and start it again on its port."""
+        old = self.redis_process
+        assert old is not None, "only a scaled server has a Redis of its own"
+        old.kill()
+        old.wait()
+        self.redis_process = _spawn("redis-restarted", list(old.args), dict(os.environ), self.logs_dir)
+        self.redis_processes.append(self.redis_process)
+
+    def restart_web(self) -> None:
+        """Start a new web process in place of one that died; wait until it serves."""
+        assert self.web_process is not None and self.web_process.poll() is not None, "the web process still runs"
+        _start_web(self)
+        wait_until(lambda: _ready(self), READY_TIMEOUT, interval=0.2, what="/readyz after the web process restarted")
 
     def log_text(self) -> str:
         """Every process log of this server, one after another."""
@@ -299,6 +320,7 @@ def _start_web(server: ScopeServer) -> None:
         server.env,
         server.logs_dir,
     )
+    server.processes.append(server.web_process)
 
 
 @contextmanager
@@ -326,14 +348,14 @@ def start_embedded(tmp_path: Path, **env: Any) -> Iterator[ScopeServer]:
     with _failure_points_at_logs(logs_dir), ExitStack() as stack:
         stack.callback(server.http.close)
         server.tokens = _prepare_database(server.env, logs_dir)
+        stack.enter_context(_running(server.processes))
         _start_web(server)
-        stack.enter_context(_running([server.web_process]))
         wait_until(lambda: _ready(server), READY_TIMEOUT, interval=0.2, what="/readyz to answer 200")
         yield server
 
 
 @contextmanager
-def _private_redis(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def _private_redis(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """A redis-server of our own on a free loopback port, so tests may kill it freely."""
     port = free_port()
     data_dir = tmp_path / "redis"
@@ -344,7 +366,8 @@ def _private_redis(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[str, subpro
         dict(os.environ),
         logs_dir,
     )
-    with _running([process]):
+    processes = [process]  # a restart adds to it; all are stopped on exit
+    with _running(processes):
         with closing(redis.Redis(host=HOST, port=port, socket_connect_timeout=1)) as client:
 
             def pong() -> bool:
@@ -356,7 +379,7 @@ def _private_redis(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[str, subpro
                     return False
 
             wait_until(pong, 10, interval=0.05, what="the private redis-server to answer PING")
-        yield f"redis://{HOST}:{port}/0", process
+        yield f"redis://{HOST}:{port}/0", processes
 
 
 def _postgres_admin() -> psycopg.Connection:
@@ -378,26 +401,33 @@ def _fresh_postgres_database() -> Iterator[str]:
 
 @contextmanager
 def start_scaled(tmp_path: Path, workers: int = 2, **env: Any) -> Iterator[ScopeServer]:
-    """Redis channel layer, PostgreSQL, one daphne and ``workers`` mediaworker processes."""
+    """Redis channel layer, PostgreSQL, one daphne, ``workers`` mediaworker processes and Celery (worker + beat)."""
     logs_dir = _new_logs_dir(tmp_path)
     with _failure_points_at_logs(logs_dir), ExitStack() as stack:
-        redis_url, redis_process = stack.enter_context(_private_redis(tmp_path, logs_dir))
+        redis_url, redis_processes = stack.enter_context(_private_redis(tmp_path, logs_dir))
         database_url = stack.enter_context(_fresh_postgres_database())
         server_environment = server_env(tmp_path, {"REDIS_URL": redis_url, "DATABASE_URL": database_url, **env})
         server = ScopeServer(
-            port=free_port(), logs_dir=logs_dir, env=server_environment, redis_process=redis_process
+            port=free_port(), logs_dir=logs_dir, env=server_environment,
+            redis_process=redis_processes[0], redis_processes=redis_processes,
         )
         stack.callback(server.http.close)
         server.tokens = _prepare_database(server.env, logs_dir)
         # Processes stop before the database is dropped and Redis goes (ExitStack unwinds in reverse).
-        started: list[subprocess.Popen[bytes]] = []
-        stack.enter_context(_running(started))
+        stack.enter_context(_running(server.processes))
         for index in range(workers):
             worker = _spawn(f"mediaworker-{index}", [PYTHON, "manage.py", "mediaworker"], server.env, logs_dir)
             server.worker_processes.append(worker)
-            started.append(worker)
+            server.processes.append(worker)
+        server.celery_process = _spawn(
+            "celery",
+            [CELERY, "-A", "scope_site", "worker", "--beat", "--pool", "solo", "--loglevel", "INFO",
+             "--schedule", str(tmp_path / "celerybeat-schedule")],
+            server.env,
+            logs_dir,
+        )
+        server.processes.append(server.celery_process)
         _start_web(server)
-        started.append(server.web_process)
         wait_until(lambda: _ready(server), READY_TIMEOUT, interval=0.2, what="/readyz to answer 200")
         wait_until(
             lambda: _active_workers(server) == workers, READY_TIMEOUT, interval=0.2, what=f"{workers} active workers"

@@ -1,10 +1,13 @@
 """Services on their own: the rules the close path and the ready gate rest on."""
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import User
+from django.utils import timezone
 
 from sessions_app import services
-from sessions_app.models import StreamSession
+from sessions_app.models import StreamSession, Worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,3 +73,84 @@ def test_unknown_close_reason_is_refused() -> None:
     with pytest.raises(ValueError):
         services.session_close(session_id=str(session.pk), reason="BORED", by="test")
     assert StreamSession.objects.get(pk=session.pk).state == "negotiating"
+
+
+# --- the sweep -----------------------------------------------------------------------
+
+
+def kinds(session: StreamSession) -> list[str]:
+    return list(session.events.values_list("kind", flat=True))
+
+
+def test_sweep_ends_a_silent_workers_sessions_worker_lost(settings) -> None:
+    silent = worker(capacity=2)
+    live = offered()
+    already_closing = offered()
+    services.session_close(session_id=str(already_closing.pk), reason="CLIENT_DISCONNECT", by="test")
+    Worker.objects.filter(pk=silent.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=10))
+
+    result = services.sweep()
+
+    assert result.workers_lost == [silent.pk]
+    assert sorted(result.closed["WORKER_LOST"]) == sorted([str(live.pk), str(already_closing.pk)])
+    live.refresh_from_db()
+    assert live.state == "closed" and live.close_reason == "WORKER_LOST"
+    assert kinds(live)[-2:] == ["closing", "closed"]
+    assert StreamSession.objects.get(pk=already_closing.pk).close_reason == "CLIENT_DISCONNECT"
+    assert Worker.objects.get(pk=silent.pk).state == "gone"
+    assert services.sweep().workers_lost == []  # once
+
+
+def test_sweep_ends_sessions_whose_signaling_went_silent(settings) -> None:
+    worker()
+    session = services.session_create_placed(owner=None, connection_id="c1", signaling_channel="test!socket")
+    StreamSession.objects.filter(pk=session.pk).update(signaling_seen_at=timezone.now() - timedelta(seconds=10))
+    assert services.sweep().closed == {"SIGNALING_LOST": [str(session.pk)]}
+    assert StreamSession.objects.get(pk=session.pk).close_reason == "SIGNALING_LOST"
+
+
+def test_a_web_process_heartbeat_keeps_its_sockets_sessions(settings) -> None:
+    worker()
+    session = services.session_create_placed(owner=None, connection_id="c1", signaling_channel="test!socket")
+    StreamSession.objects.filter(pk=session.pk).update(signaling_seen_at=timezone.now() - timedelta(seconds=10))
+    assert services.signaling_heartbeat(connection_ids=["c1"]) == 1
+    assert services.sweep().closed == {}
+
+
+def test_sweep_ends_sessions_past_their_deadline() -> None:
+    worker()
+    session = offered()
+    StreamSession.objects.filter(pk=session.pk).update(deadline_at=timezone.now() - timedelta(seconds=1))
+    assert services.sweep().closed == {"MAX_DURATION_EXCEEDED": [str(session.pk)]}
+
+
+def test_sweep_resends_the_close_of_a_session_stuck_closing(settings) -> None:
+    worker()
+    session = offered()
+    services.session_close(session_id=str(session.pk), reason="SESSION_TERMINATED", by="test")
+    assert services.sweep().resent == []  # within the close bound: not stuck yet
+    StreamSession.objects.filter(pk=session.pk).update(closing_at=timezone.now() - timedelta(seconds=10))
+    assert services.sweep().resent == [str(session.pk)]
+
+
+def test_heartbeat_tells_a_worker_which_of_its_peers_are_for_closed_sessions() -> None:
+    held = worker(capacity=2)
+    kept, ended = offered(), offered()
+    services.session_close(session_id=str(ended.pk), reason="SESSION_TERMINATED", by="test")
+    services.session_closed(session_id=str(ended.pk), steps=[])
+    counts = services.FrameCounts(frames_in=1, frames_out=1)
+    stale = services.worker_heartbeat(worker_id=held.pk, peer_count=2, frames={str(kept.pk): counts,
+                                                                                str(ended.pk): counts})
+    assert stale == [str(ended.pk)]
+
+
+def test_a_user_has_at_most_their_share_of_open_sessions(settings) -> None:
+    settings.SCOPE_MAX_SESSIONS_PER_USER = 2
+    worker(capacity=4)
+    carol = User.objects.create(username="carol")
+    services.session_create(owner=carol)
+    services.session_create(owner=carol)
+    with pytest.raises(services.ScopeError) as refused:
+        services.session_create(owner=carol)
+    assert refused.value.code == "RATE_LIMITED"
+    assert StreamSession.objects.filter(owner=carol).count() == 2

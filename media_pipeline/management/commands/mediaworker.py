@@ -9,6 +9,9 @@ from media_pipeline.worker import MediaWorker
 
 logger = logging.getLogger(__name__)
 
+# SIGTERM to exit: closing every session and retiring must fit in this.
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
+
 
 class Command(BaseCommand):
     help = "Run a media worker: it owns WebRTC peers and their pipelines for the sessions placed on it."
@@ -30,4 +33,8 @@ class Command(BaseCommand):
         try:
             await stopping.wait()
         finally:
-            await worker.stop()
+            try:
+                await asyncio.wait_for(worker.stop(), SHUTDOWN_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                # The sweep finds whatever this left open (WORKER_LOST) once the heartbeats stop.
+                logger.error("media worker did not drain within %ss; exiting anyway", SHUTDOWN_TIMEOUT_SECONDS)

@@ -1,0 +1,245 @@
+"""Faults, injected into real processes: nothing keeps streaming, and every session ends on record.
+
+Short heartbeats and sweeps keep the bounds short: a silent worker or web
+process is noticed within 3 heartbeats + 1 sweep. Each test ends with the
+invariant check: every session ever created is ``closed`` with a reason and a
+complete trail, no worker holds a peer, no slot is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.harness import PYTHON, REPO_ROOT, ScopeServer, event_time
+from tests.peer import ScopeClient
+from tests.test_lifecycle import FULL_TRAIL, live_peer
+
+HEARTBEAT = 1.0
+SWEEP = 1.0
+SILENCE_BOUND = 3 * HEARTBEAT + SWEEP
+IDLE = 3.0
+FAST_NETS = {"SCOPE_HEARTBEAT_SECONDS": HEARTBEAT, "SCOPE_SWEEP_SECONDS": SWEEP, "SCOPE_IDLE_TIMEOUT_SECONDS": IDLE}
+# Scheduling slack on a small, busy machine: the bound is the design's, the slack is the test's.
+SLACK = 3.0
+# The trail of a session whose worker died: nobody was left to record the teardown steps.
+LOST_TRAIL = ["created", "placed", "answered", "live", "closing", "closed"]
+TEARDOWN = FULL_TRAIL[FULL_TRAIL.index("closing"):]
+
+
+def all_sessions(server: ScopeServer) -> list[dict[str, Any]]:
+    records, page = [], "/api/v1/sessions/"
+    while page:
+        body = server.api("GET", page).json()
+        records.extend(server.session(r["id"]) for r in body["results"])
+        page = body["next"]
+    return records
+
+
+def assert_nothing_left(server: ScopeServer) -> None:
+    """Every session closed with a reason and a trail that ends ``closing, closed``; no peer, no slot held."""
+    for record in all_sessions(server):
+        kinds = [event["kind"] for event in record["events"]]
+        assert record["state"] == "closed" and record["close_reason"], record
+        assert kinds[0] == "created", kinds
+        # A session with a peer has its whole teardown on record, unless its worker died with it;
+        # one that never got an offer goes straight from closing to closed.
+        had_peer = "answered" in kinds and record["close_reason"] != "WORKER_LOST"
+        assert kinds[-len(TEARDOWN):] == TEARDOWN if had_peer else kinds[-2:] == ["closing", "closed"], kinds
+    for worker in server.workers():
+        assert worker["slots_used"] == 0, worker
+        if worker["state"] != "gone":
+            assert worker["peer_count"] == 0, worker
+
+
+def worker_process_of(server: ScopeServer, worker_id: int) -> subprocess.Popen[bytes]:
+    pid = next(w["pid"] for w in server.workers() if w["id"] == worker_id)
+    return next(p for p in server.worker_processes if p.pid == pid)
+
+
+def closing_by(record: dict[str, Any]) -> str:
+    return next(e["detail"]["by"] for e in record["events"] if e["kind"] == "closing")
+
+
+def elapsed(record: dict[str, Any], since: float) -> float:
+    """Seconds from ``since`` (a wall-clock time) to the record's ``closed`` event."""
+    return event_time(record, "closed") - since
+
+
+@pytest.fixture
+def fast_scaled(server_factory) -> ScopeServer:
+    return server_factory("scaled", workers=2, **FAST_NETS)
+
+
+async def test_killed_worker_ends_its_sessions_worker_lost(fast_scaled: ScopeServer) -> None:
+    server = fast_scaled
+    async with ScopeClient() as doomed, ScopeClient() as spared:
+        await doomed.connect(server, "alice")
+        await doomed.expect("ready")
+        doomed_peer = await live_peer(doomed, server, pipeline="invert")
+        await spared.connect(server, "bob")
+        await spared.expect("ready")
+        spared_peer = await live_peer(spared, server, pipeline="invert")
+        dead_worker = server.session(doomed_peer.session_id)["worker"]
+        survivor = server.session(spared_peer.session_id)["worker"]
+        assert dead_worker != survivor
+
+        killed_at = time.time()
+        worker_process_of(server, dead_worker).kill()
+        error = await doomed.expect("error", timeout=SILENCE_BOUND + SLACK, sessionId=doomed_peer.session_id)
+        assert error["code"] == "WORKER_LOST"
+        assert await doomed.wait_closed(2) == 4011
+        record = server.session(doomed_peer.session_id)
+        assert record["close_reason"] == "WORKER_LOST"
+        assert [e["kind"] for e in record["events"]] == LOST_TRAIL
+        assert closing_by(record).startswith("sweep")
+        assert elapsed(record, killed_at) <= SILENCE_BOUND + SLACK
+        assert {w["id"]: w["state"] for w in server.workers()}[dead_worker] == "gone"
+
+        # The other session never noticed; new sessions go to the survivor.
+        assert server.session(spared_peer.session_id)["state"] == "live"
+        async with ScopeClient() as newcomer:
+            await newcomer.connect(server, "alice")
+            await newcomer.expect("ready")
+            new_peer = await live_peer(newcomer, server, pipeline="passthrough")
+            assert server.session(new_peer.session_id)["worker"] == survivor
+    await server.wait_until_async(lambda: all(s["state"] == "closed" for s in all_sessions(server)), 5)
+    assert_nothing_left(server)
+
+
+async def test_killed_web_process_ends_its_sessions_signaling_lost(fast_scaled: ScopeServer) -> None:
+    server = fast_scaled
+    async with ScopeClient() as client:
+        await client.connect(server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, server, pipeline="invert")
+        assert server.web_process is not None
+        killed_at = time.time()
+        server.web_process.kill()
+        server.web_process.wait()
+        await peer.wait_server_closed(SILENCE_BOUND + SLACK)
+        media_stopped = time.time() - killed_at
+        await asyncio.sleep(1)
+        assert not peer.frames_since(time.monotonic() - 0.5), "media kept flowing after the worker closed the peer"
+
+    # A new web process serves the records (and new sessions) again.
+    await asyncio.to_thread(server.restart_web)
+    record = server.closed_session(peer.session_id)
+    assert record["close_reason"] == "SIGNALING_LOST"
+    assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert media_stopped <= SILENCE_BOUND + SLACK
+    assert elapsed(record, killed_at) <= SILENCE_BOUND + SLACK
+    assert_nothing_left(server)
+
+
+def start_client_process(server: ScopeServer) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [PYTHON, "-m", "tests.client_process", server.ws_url, server.origin, server.tokens["alice"]],
+        cwd=REPO_ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line, f"the client process exited {process.poll()} before streaming"
+    return process, json.loads(line)["session_id"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [(signal.SIGSTOP, "IDLE_TIMEOUT"), (signal.SIGKILL, "CLIENT_DISCONNECT")],
+    ids=["frozen-client-idle-timeout", "killed-client-socket-closed"],
+)
+def test_a_client_that_vanishes_is_noticed(server_factory, fault, reason) -> None:
+    """Frozen, it sends nothing (no close frame, no DTLS close, no media): only the idle timeout can tell.
+
+    Killed, its kernel still closes the TCP connection, so the socket's close says so at once.
+    """
+    server = server_factory("embedded", **FAST_NETS)
+    process, session_id = start_client_process(server)
+    try:
+        vanished_at = time.time()
+        process.send_signal(fault)
+        record = server.closed_session(session_id, timeout=IDLE + 1 + SLACK)
+    finally:
+        process.kill()
+        process.wait()
+    assert record["close_reason"] == reason
+    assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert elapsed(record, vanished_at) <= (IDLE + 1 if fault == signal.SIGSTOP else 1) + SLACK
+    assert_nothing_left(server)
+
+
+async def test_sigterm_drains_a_worker(fast_scaled: ScopeServer) -> None:
+    server = fast_scaled
+    async with ScopeClient() as client:
+        await client.connect(server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, server, pipeline="invert")
+        worker_id = server.session(peer.session_id)["worker"]
+        process = worker_process_of(server, worker_id)
+        signalled_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        error = await client.expect("error", timeout=5, sessionId=peer.session_id)
+        assert error["code"] == "SERVER_SHUTDOWN"
+        assert await client.wait_closed(2) == 4012
+        await asyncio.to_thread(process.wait, 10)
+        exited_after = time.monotonic() - signalled_at
+    record = server.closed_session(peer.session_id)
+    assert record["close_reason"] == "SERVER_SHUTDOWN"
+    assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert exited_after < 10
+    assert {w["id"]: w["state"] for w in server.workers()}[worker_id] == "gone"
+    assert_nothing_left(server)
+
+
+async def test_redis_restart_is_survived(fast_scaled: ScopeServer) -> None:
+    server = fast_scaled
+    async with ScopeClient() as before:
+        await before.connect(server, "alice")
+        await before.expect("ready")
+        old_peer = await live_peer(before, server, pipeline="invert")
+        server.restart_redis()
+        await asyncio.sleep(3 * HEARTBEAT + SWEEP)
+        # Media never needed Redis; the session is still live and still streaming.
+        assert server.session(old_peer.session_id)["state"] == "live"
+        assert len(old_peer.frames_since(time.monotonic() - 1)) > 5
+        # New sessions work once the processes have reconnected by themselves.
+        async with ScopeClient() as after:
+            await after.connect(server, "bob")
+            await after.expect("ready", timeout=15)
+            new_peer = await live_peer(after, server, pipeline="grayscale")
+        # Leaving still tears down over the restarted channel layer.
+        await before.close_socket()
+        await old_peer.wait_server_closed(5)
+    assert server.closed_session(old_peer.session_id)["close_reason"] == "CLIENT_DISCONNECT"
+    assert server.closed_session(new_peer.session_id)["close_reason"] == "CLIENT_DISCONNECT"
+    assert_nothing_left(server)
+
+
+async def test_sigterm_drains_the_web_process(fast_scaled: ScopeServer) -> None:
+    server = fast_scaled
+    async with ScopeClient() as client:
+        await client.connect(server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, server, pipeline="invert")
+        assert server.web_process is not None
+        signalled_at = time.monotonic()
+        server.web_process.send_signal(signal.SIGTERM)
+        error = await client.expect("error", timeout=5, sessionId=peer.session_id)
+        assert error["code"] == "SERVER_SHUTDOWN"
+        assert await client.wait_closed(2) == 4012
+        await peer.wait_server_closed(2)
+        await asyncio.to_thread(server.web_process.wait, 10)
+        exited_after = time.monotonic() - signalled_at
+    assert exited_after < 10
+    await asyncio.to_thread(server.restart_web)
+    record = server.closed_session(peer.session_id)
+    assert record["close_reason"] == "SERVER_SHUTDOWN"
+    assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert_nothing_left(server)
