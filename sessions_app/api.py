@@ -164,10 +164,13 @@ class OfferViewSet(viewsets.ViewSet):
             services.session_close(
                 session_id=session_id, reason=CloseReason.SESSION_TERMINATED, by=f"api:{request.user.username}"
             )
+            # A session that never got an offer is closed by the call itself; any other
+            # is closed once its worker reports the teardown done (session.ended).
+            if session.state == StreamSession.State.WAITING or async_to_sync(channels_util.receive_within)(
+                channel=listener, timeout=settings.SCOPE_CLOSE_WAIT_SECONDS
+            ):
+                return Response(status=status.HTTP_204_NO_CONTENT)
             session = selectors.session_for_user(session_id=session_id, user=request.user)
-            if session.state != StreamSession.State.CLOSED:
-                async_to_sync(channels_util.receive_within)(channel=listener, timeout=settings.SCOPE_CLOSE_WAIT_SECONDS)
-                session = selectors.session_for_user(session_id=session_id, user=request.user)
         finally:
             async_to_sync(layer.group_discard)(session_group(session_id), listener)
         if session.state == StreamSession.State.CLOSED:

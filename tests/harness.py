@@ -35,6 +35,8 @@ PYTHON = sys.executable
 DAPHNE = str(Path(sys.executable).parent / "daphne")
 CELERY = str(Path(sys.executable).parent / "celery")
 HOST = "127.0.0.1"
+# What tests leave for people to look at: screenshots, measured fault times.
+ARTIFACTS = Path(os.environ.get("SCOPE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 USERS = ("staff", "alice", "bob")
 # One password for every test user, so browser tests can log in through /admin/.

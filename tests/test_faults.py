@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import PYTHON, REPO_ROOT, ScopeServer, event_time
+from tests.harness import ARTIFACTS, PYTHON, REPO_ROOT, ScopeServer, event_time
 from tests.peer import ScopeClient
-from tests.test_lifecycle import FULL_TRAIL, live_peer
+from tests.test_lifecycle import FULL_TRAIL, connect_and_stream
 
 HEARTBEAT = 1.0
 SWEEP = 1.0
@@ -69,8 +69,17 @@ def closing_by(record: dict[str, Any]) -> str:
 
 
 def elapsed(record: dict[str, Any], since: float) -> float:
-    """Seconds from ``since`` (a wall-clock time) to the record's ``closed`` event."""
-    return event_time(record, "closed") - since
+    """Seconds from ``since`` (a wall-clock time) to the record's ``closed`` event; kept for the run's report."""
+    seconds = event_time(record, "closed") - since
+    report_time(f"{record['close_reason']}: fault → closed", seconds)
+    return seconds
+
+
+def report_time(what: str, seconds: float) -> None:
+    """Measured fault-to-outcome times, appended to test-artifacts/fault-times.jsonl."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with open(ARTIFACTS / "fault-times.jsonl", "a") as out:
+        out.write(json.dumps({"what": what, "seconds": round(seconds, 3)}) + "\n")
 
 
 @pytest.fixture
@@ -81,12 +90,8 @@ def fast_scaled(server_factory) -> ScopeServer:
 async def test_killed_worker_ends_its_sessions_worker_lost(fast_scaled: ScopeServer) -> None:
     server = fast_scaled
     async with ScopeClient() as doomed, ScopeClient() as spared:
-        await doomed.connect(server, "alice")
-        await doomed.expect("ready")
-        doomed_peer = await live_peer(doomed, server, pipeline="invert")
-        await spared.connect(server, "bob")
-        await spared.expect("ready")
-        spared_peer = await live_peer(spared, server, pipeline="invert")
+        doomed_peer = await connect_and_stream(doomed, server, "alice", pipeline="invert")
+        spared_peer = await connect_and_stream(spared, server, "bob", pipeline="invert")
         dead_worker = server.session(doomed_peer.session_id)["worker"]
         survivor = server.session(spared_peer.session_id)["worker"]
         assert dead_worker != survivor
@@ -106,9 +111,7 @@ async def test_killed_worker_ends_its_sessions_worker_lost(fast_scaled: ScopeSer
         # The other session never noticed; new sessions go to the survivor.
         assert server.session(spared_peer.session_id)["state"] == "live"
         async with ScopeClient() as newcomer:
-            await newcomer.connect(server, "alice")
-            await newcomer.expect("ready")
-            new_peer = await live_peer(newcomer, server, pipeline="passthrough")
+            new_peer = await connect_and_stream(newcomer, server, "alice", pipeline="passthrough")
             assert server.session(new_peer.session_id)["worker"] == survivor
     await server.wait_until_async(lambda: all(s["state"] == "closed" for s in all_sessions(server)), 5)
     assert_nothing_left(server)
@@ -117,15 +120,14 @@ async def test_killed_worker_ends_its_sessions_worker_lost(fast_scaled: ScopeSer
 async def test_killed_web_process_ends_its_sessions_signaling_lost(fast_scaled: ScopeServer) -> None:
     server = fast_scaled
     async with ScopeClient() as client:
-        await client.connect(server, "alice")
-        await client.expect("ready")
-        peer = await live_peer(client, server, pipeline="invert")
+        peer = await connect_and_stream(client, server, "alice", pipeline="invert")
         assert server.web_process is not None
         killed_at = time.time()
         server.web_process.kill()
         server.web_process.wait()
         await peer.wait_server_closed(SILENCE_BOUND + SLACK)
         media_stopped = time.time() - killed_at
+        report_time("SIGNALING_LOST: web process killed → client sees DTLS closed", media_stopped)
         await asyncio.sleep(1)
         assert not peer.frames_since(time.monotonic() - 0.5), "media kept flowing after the worker closed the peer"
 
@@ -178,21 +180,21 @@ def test_a_client_that_vanishes_is_noticed(server_factory, fault, reason) -> Non
 async def test_sigterm_drains_a_worker(fast_scaled: ScopeServer) -> None:
     server = fast_scaled
     async with ScopeClient() as client:
-        await client.connect(server, "alice")
-        await client.expect("ready")
-        peer = await live_peer(client, server, pipeline="invert")
+        peer = await connect_and_stream(client, server, "alice", pipeline="invert")
         worker_id = server.session(peer.session_id)["worker"]
         process = worker_process_of(server, worker_id)
-        signalled_at = time.monotonic()
+        signalled_at, signalled_wall = time.monotonic(), time.time()
         process.send_signal(signal.SIGTERM)
         error = await client.expect("error", timeout=5, sessionId=peer.session_id)
         assert error["code"] == "SERVER_SHUTDOWN"
         assert await client.wait_closed(2) == 4012
         await asyncio.to_thread(process.wait, 10)
         exited_after = time.monotonic() - signalled_at
+    report_time("worker SIGTERM → worker exited", exited_after)
     record = server.closed_session(peer.session_id)
     assert record["close_reason"] == "SERVER_SHUTDOWN"
     assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert elapsed(record, signalled_wall) < 2
     assert exited_after < 10
     assert {w["id"]: w["state"] for w in server.workers()}[worker_id] == "gone"
     assert_nothing_left(server)
@@ -201,9 +203,7 @@ async def test_sigterm_drains_a_worker(fast_scaled: ScopeServer) -> None:
 async def test_redis_restart_is_survived(fast_scaled: ScopeServer) -> None:
     server = fast_scaled
     async with ScopeClient() as before:
-        await before.connect(server, "alice")
-        await before.expect("ready")
-        old_peer = await live_peer(before, server, pipeline="invert")
+        old_peer = await connect_and_stream(before, server, "alice", pipeline="invert")
         server.restart_redis()
         await asyncio.sleep(3 * HEARTBEAT + SWEEP)
         # Media never needed Redis; the session is still live and still streaming.
@@ -211,9 +211,7 @@ async def test_redis_restart_is_survived(fast_scaled: ScopeServer) -> None:
         assert len(old_peer.frames_since(time.monotonic() - 1)) > 5
         # New sessions work once the processes have reconnected by themselves.
         async with ScopeClient() as after:
-            await after.connect(server, "bob")
-            await after.expect("ready", timeout=15)
-            new_peer = await live_peer(after, server, pipeline="grayscale")
+            new_peer = await connect_and_stream(after, server, "bob", pipeline="grayscale")
         # Leaving still tears down over the restarted channel layer.
         await before.close_socket()
         await old_peer.wait_server_closed(5)
@@ -225,11 +223,9 @@ async def test_redis_restart_is_survived(fast_scaled: ScopeServer) -> None:
 async def test_sigterm_drains_the_web_process(fast_scaled: ScopeServer) -> None:
     server = fast_scaled
     async with ScopeClient() as client:
-        await client.connect(server, "alice")
-        await client.expect("ready")
-        peer = await live_peer(client, server, pipeline="invert")
+        peer = await connect_and_stream(client, server, "alice", pipeline="invert")
         assert server.web_process is not None
-        signalled_at = time.monotonic()
+        signalled_at, signalled_wall = time.monotonic(), time.time()
         server.web_process.send_signal(signal.SIGTERM)
         error = await client.expect("error", timeout=5, sessionId=peer.session_id)
         assert error["code"] == "SERVER_SHUTDOWN"
@@ -237,9 +233,11 @@ async def test_sigterm_drains_the_web_process(fast_scaled: ScopeServer) -> None:
         await peer.wait_server_closed(2)
         await asyncio.to_thread(server.web_process.wait, 10)
         exited_after = time.monotonic() - signalled_at
+    report_time("web SIGTERM → web process exited", exited_after)
     assert exited_after < 10
     await asyncio.to_thread(server.restart_web)
     record = server.closed_session(peer.session_id)
     assert record["close_reason"] == "SERVER_SHUTDOWN"
     assert [e["kind"] for e in record["events"]] == FULL_TRAIL
+    assert elapsed(record, signalled_wall) < 2
     assert_nothing_left(server)

@@ -35,6 +35,13 @@ async def live_peer(client: ScopeClient, server: ScopeServer, **kwargs) -> Clien
     return peer
 
 
+async def connect_and_stream(client: ScopeClient, server: ScopeServer, user: str, **kwargs) -> ClientPeer:
+    """Open the socket as ``user``, wait for ``ready``, and stream until the session is live."""
+    await client.connect(server, user)
+    await client.expect("ready", timeout=15)
+    return await live_peer(client, server, **kwargs)
+
+
 async def test_invert_stream_then_socket_close_tears_everything_down(embedded_server: ScopeServer) -> None:
     async with ScopeClient() as client:
         await client.connect(embedded_server, "alice")

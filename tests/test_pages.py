@@ -7,10 +7,8 @@ of each page in a live state go to ``test-artifacts/`` (``SCOPE_TEST_ARTIFACTS``
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import (
@@ -23,9 +21,8 @@ from playwright.sync_api import (
 )
 
 from tests.browser import launch_chromium, private_network, video_mean
-from tests.harness import PASSWORD, REPO_ROOT, ScopeServer, start_embedded
+from tests.harness import ARTIFACTS, PASSWORD, ScopeServer, start_embedded
 
-ARTIFACTS = Path(os.environ.get("SCOPE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 LIVE_TIMEOUT_MS = 30_000
 SHORT_MAX_SECONDS = 5
 
