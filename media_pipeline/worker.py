@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from sessions_app.messages import (
 )
 from sessions_app.models import CloseReason, SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
+from sessions_app.session_files import remove_session_files
 
 from .ice import enforce_ice_addresses
 from .jitter import release_frames_on_marker
@@ -398,7 +398,10 @@ class MediaWorker:
             if peer is not None:
                 steps = await self._release(peer)
                 frames = peer.frame_counts()
-            await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
+            if any(step.detail.get("failed") for step in steps):
+                await _db(services.session_cleanup_failed, session_id=session_id, steps=steps, frames=frames)
+            else:
+                await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
         self._session_locks.pop(session_id, None)
         await self._report()
 
@@ -417,8 +420,14 @@ class MediaWorker:
             steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), {"timed_out": True}))
         freed = await asyncio.get_running_loop().run_in_executor(self._pipeline_executor, self._stop_pipeline, peer)
         steps.append(TeardownStep(SessionEvent.Kind.PIPELINE_STOPPED, timezone.now(), freed))
-        removed = await asyncio.to_thread(self._remove_files, peer.files_dir)
-        steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(), {"files_removed": removed}))
+        try:
+            removed = await asyncio.to_thread(remove_session_files, peer.files_dir)
+            steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(), {"files_removed": removed}))
+        except OSError as exc:
+            # The peer and pipeline are gone; the files wait for the retry (services.session_cleanup_failed).
+            logger.warning("session %s: could not remove %s: %s", peer.session_id, peer.files_dir, exc)
+            steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(),
+                                      {"failed": str(exc), "files_dir": str(peer.files_dir)}))
         return steps
 
     def _stop_pipeline(self, peer: PeerSession) -> dict[str, Any]:
@@ -427,11 +436,3 @@ class MediaWorker:
         if self.device.type != "cuda":
             return {"device": str(self.device)}
         return {"device": str(self.device), "gpu_bytes_freed": before - torch.cuda.memory_allocated(self.device)}
-
-    @staticmethod
-    def _remove_files(files_dir: Path) -> int:
-        if not files_dir.exists():
-            return 0
-        count = sum(1 for path in files_dir.rglob("*") if path.is_file())
-        shutil.rmtree(files_dir)
-        return count

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from . import errors
 from .errors import ScopeError
-from .models import StreamSession, Worker
+from .models import SessionEvent, StreamSession, Worker
 
 
 def sessions_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[StreamSession]:
@@ -130,10 +130,25 @@ def sessions_past_deadline() -> list[str]:
     ]
 
 
+def _failed_cleanups() -> QuerySet[SessionEvent]:
+    return SessionEvent.objects.filter(kind=SessionEvent.Kind.CLEANED_UP, detail__has_key="failed")
+
+
 def sessions_closing_since(*, before: datetime) -> list[str]:
+    """Sessions closing since before ``before`` whose teardown has not run (a failed cleanup waits for its retry)."""
     return [
         str(pk)
-        for pk in StreamSession.objects.filter(state=StreamSession.State.CLOSING, closing_at__lt=before).values_list(
-            "pk", flat=True
-        )
+        for pk in StreamSession.objects.filter(state=StreamSession.State.CLOSING, closing_at__lt=before)
+        .exclude(pk__in=_failed_cleanups().values("session_id"))
+        .values_list("pk", flat=True)
+    ]
+
+
+def sessions_awaiting_cleanup() -> list[tuple[str, str]]:
+    """Closing sessions whose files could not be removed: (id, directory) each."""
+    return [
+        (str(session_id), detail["files_dir"])
+        for session_id, detail in _failed_cleanups()
+        .filter(session__state=StreamSession.State.CLOSING)
+        .values_list("session_id", "detail")
     ]

@@ -398,6 +398,49 @@ def session_closed(
     return True
 
 
+@transaction.atomic
+def session_cleanup_failed(
+    *, session_id: str, steps: list[TeardownStep], frames: FrameCounts | None = None
+) -> bool:
+    """The worker closed the peer and stopped the pipeline but could not remove the session's files.
+
+    The steps are recorded (the failed ``cleaned_up`` names the directory) and
+    the session stays ``closing``, holding its slot, until a Celery task with
+    backoff removes the files (``tasks.retry_session_cleanup``).
+    """
+    session = _locked_session(session_id)
+    if session.state != StreamSession.State.CLOSING:
+        return False
+    for step in steps:
+        _record(session, step.kind, at=step.at, **step.detail)
+    if frames is not None:
+        session.frames_in = frames.frames_in
+        session.frames_out = frames.frames_out
+        session.save(update_fields=["frames_in", "frames_out"])
+    failed = next(step for step in steps if step.detail.get("failed"))
+    _retry_cleanup_after_commit(str(session.pk), failed.detail["files_dir"])
+    return True
+
+
+def _retry_cleanup_after_commit(session_id: str, files_dir: str) -> None:
+    from .tasks import retry_session_cleanup  # the task calls back into these services
+
+    transaction.on_commit(
+        lambda: retry_session_cleanup.delay(session_id=session_id, files_dir=files_dir), robust=True
+    )
+
+
+@transaction.atomic
+def session_cleanup_done(*, session_id: str, files_removed: int) -> bool:
+    """A retried cleanup removed the session's files: record it, close the session, free the slot."""
+    session = _locked_session(session_id)
+    if session.state != StreamSession.State.CLOSING:
+        return False
+    _record(session, SessionEvent.Kind.CLEANED_UP, files_removed=files_removed, retried=True)
+    _finish_close(session)
+    return True
+
+
 def _finish_close(session: StreamSession) -> None:
     session.state = StreamSession.State.CLOSED
     session.closed_at = timezone.now()
@@ -429,7 +472,8 @@ def sweep() -> SweepResult:
     - workers silent for 3 heartbeats: gone, their sessions ``WORKER_LOST``;
     - sessions whose signaling socket's web process went silent: ``SIGNALING_LOST``;
     - sessions past their deadline: ``MAX_DURATION_EXCEEDED``;
-    - sessions ``closing`` for longer than the close bound: the close re-sent.
+    - sessions ``closing`` for longer than the close bound: the close re-sent
+      (unless the teardown is done and only its files wait for a retry).
 
     Each step is its own transaction through the services above, so one
     failing session does not stop the rest.
@@ -452,6 +496,10 @@ def sweep() -> SweepResult:
                 closed.setdefault(reason, []).append(session_id)
     stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
     resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since) if session_resend_close(session_id=sid)]
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        # No Celery process retries with backoff in embedded mode: each sweep tries once more.
+        for session_id, files_dir in selectors.sessions_awaiting_cleanup():
+            _retry_cleanup_after_commit(session_id, files_dir)
     return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent)
 
 
