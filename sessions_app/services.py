@@ -389,13 +389,18 @@ def session_closed(
     session = _locked_session(session_id)
     if session.state != StreamSession.State.CLOSING:
         return False
+    _record_teardown(session, steps, frames)
+    _finish_close(session)
+    return True
+
+
+def _record_teardown(session: StreamSession, steps: list[TeardownStep], frames: FrameCounts | None) -> None:
+    """The worker's steps as events, and its final frame counts (saved with the session's next save)."""
     for step in steps:
         _record(session, step.kind, at=step.at, **step.detail)
     if frames is not None:
         session.frames_in = frames.frames_in
         session.frames_out = frames.frames_out
-    _finish_close(session)
-    return True
 
 
 @transaction.atomic
@@ -411,12 +416,8 @@ def session_cleanup_failed(
     session = _locked_session(session_id)
     if session.state != StreamSession.State.CLOSING:
         return False
-    for step in steps:
-        _record(session, step.kind, at=step.at, **step.detail)
-    if frames is not None:
-        session.frames_in = frames.frames_in
-        session.frames_out = frames.frames_out
-        session.save(update_fields=["frames_in", "frames_out"])
+    _record_teardown(session, steps, frames)
+    session.save(update_fields=["frames_in", "frames_out"])
     failed = next(step for step in steps if step.detail.get("failed"))
     _retry_cleanup_after_commit(str(session.pk), failed.detail["files_dir"])
     return True
