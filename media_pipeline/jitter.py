@@ -18,23 +18,24 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 
 class MarkerReleaseJitterBuffer(JitterBuffer):
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        if self._is_video:
-            frame = self._complete_marked_frame()
-            if frame is not None:
-                return frame
-        return super()._remove_frame(sequence_number)
-
-    def _complete_marked_frame(self) -> JitterFrame | None:
+        # Video buffers hold no prefetch; anything else keeps aiortc's own rule.
+        if not self._is_video or self._prefetch:
+            return super()._remove_frame(sequence_number)
         packets = []
         for count in range(self.capacity):
             packet = self._packets[(self._origin + count) % self.capacity]
-            if packet is None or (packets and packet.timestamp != packets[0].timestamp):
-                return None
+            if packet is None:
+                return None  # a gap: the frame waits for the missing packet
+            if packets and packet.timestamp != packets[0].timestamp:
+                return self._release(packets, count)  # aiortc's rule: the next frame began
             packets.append(packet)
             if packet.marker:
-                self.remove(count + 1)
-                return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packet.timestamp)
+                return self._release(packets, count + 1)  # the frame's last packet
         return None
+
+    def _release(self, packets: list, count: int) -> JitterFrame:
+        self.remove(count)
+        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
 def release_frames_on_marker() -> None:

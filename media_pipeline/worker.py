@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 PEER_CLOSE_TIMEOUT_SECONDS = 1.0
 DB_CALL_TIMEOUT_SECONDS = 10.0
-RECEIVE_RETRY_SECONDS = 1.0
 
 
 @dataclass
@@ -166,13 +165,8 @@ class MediaWorker:
 
     async def _receive_loop(self) -> None:
         while True:
-            try:
-                message = await self.channel_layer.receive(self.channel_name)
-            except Exception:
-                # The channel layer's backend is unreachable: keep listening once it is back.
-                logger.exception("media worker %s cannot receive; retrying", self.worker_id)
-                await asyncio.sleep(RECEIVE_RETRY_SECONDS)
-                continue
+            # Outlasting a Redis outage is the channel layer's job (scope_site/channel_layers.py).
+            message = await self.channel_layer.receive(self.channel_name)
             handler = self._handlers.get(message.get("type", ""))
             if handler is None:
                 logger.warning("media worker ignores message of type %r", message.get("type"))
@@ -398,10 +392,7 @@ class MediaWorker:
             if peer is not None:
                 steps = await self._release(peer)
                 frames = peer.frame_counts()
-            if any(step.detail.get("failed") for step in steps):
-                await _db(services.session_cleanup_failed, session_id=session_id, steps=steps, frames=frames)
-            else:
-                await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
+            await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
         self._session_locks.pop(session_id, None)
         await self._report()
 
@@ -424,7 +415,7 @@ class MediaWorker:
             removed = await asyncio.to_thread(remove_session_files, peer.files_dir)
             steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(), {"files_removed": removed}))
         except OSError as exc:
-            # The peer and pipeline are gone; the files wait for the retry (services.session_cleanup_failed).
+            # The peer and pipeline are gone; the files wait for a retry (see services.session_closed).
             logger.warning("session %s: could not remove %s: %s", peer.session_id, peer.files_dir, exc)
             steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(),
                                       {"failed": str(exc), "files_dir": str(peer.files_dir)}))

@@ -97,11 +97,15 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self._end_sessions(f"socket:{self.connection_id}")
 
     async def _end_sessions(self, by: str) -> None:
-        """Every session this socket created ends with it (CLIENT_DISCONNECT), even ones it lost track of. Once."""
+        """Every session this socket created ends with it (CLIENT_DISCONNECT). Once."""
         self.ended = True
         liveness.socket_closed(self.connection_id)
+        await self._close_open_sessions(CloseReason.CLIENT_DISCONNECT, by)
+
+    async def _close_open_sessions(self, reason: str, by: str) -> None:
+        # From the database, not self.session_ids: even sessions this socket lost track of.
         for session_id in await _db(selectors.open_sessions_of_connection)(connection_id=self.connection_id):
-            await _db(services.session_close)(session_id=session_id, reason=CloseReason.CLIENT_DISCONNECT, by=by)
+            await _db(services.session_close)(session_id=session_id, reason=reason, by=by)
 
     # --- the ready gate ------------------------------------------------------
 
@@ -275,10 +279,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     async def signaling_shutdown(self, message: SignalingShutdown) -> None:
         """This web process is stopping: end this socket's sessions; the last one's end closes it (4012)."""
-        for session_id in await _db(selectors.open_sessions_of_connection)(connection_id=self.connection_id):
-            await _db(services.session_close)(
-                session_id=session_id, reason=CloseReason.SERVER_SHUTDOWN, by=f"socket:{self.connection_id}:shutdown"
-            )
+        await self._close_open_sessions(CloseReason.SERVER_SHUTDOWN, f"socket:{self.connection_id}:shutdown")
         if not self.session_ids:
             await self.close(CLOSE_CODES[CloseReason.SERVER_SHUTDOWN])
 

@@ -48,10 +48,27 @@ def session_for_streamer(*, session_id: str, user: AbstractBaseUser | AnonymousU
     return _one_session(StreamSession.objects.filter(owner__isnull=True), session_id)
 
 
+def _ids(queryset: QuerySet) -> list[str]:
+    return [str(pk) for pk in queryset.values_list("pk", flat=True)]
+
+
+def heartbeat_cutoff() -> datetime:
+    """A worker or web process not heard from since this moment (three heartbeats ago) counts as silent."""
+    return timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
+
+
 def live_workers() -> QuerySet[Worker]:
     """Workers taking sessions: active, with a heartbeat within three intervals."""
-    fresh_after = timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
-    return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=fresh_after)
+    return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=heartbeat_cutoff())
+
+
+def silent_workers(*, silent_after: datetime) -> list[int]:
+    """Workers still counted on (active or draining) whose last heartbeat is older than ``silent_after``."""
+    return list(
+        Worker.objects.filter(
+            state__in=[Worker.State.ACTIVE, Worker.State.DRAINING], heartbeat_at__lt=silent_after
+        ).values_list("pk", flat=True)
+    )
 
 
 def workers_with_load() -> QuerySet[Worker]:
@@ -75,12 +92,7 @@ def queue_position(*, session_id: str) -> int:
 
 
 def open_sessions_of_connection(*, connection_id: str) -> list[str]:
-    return [
-        str(pk)
-        for pk in StreamSession.objects.filter(
-            connection_id=connection_id, state__in=StreamSession.OPEN_STATES
-        ).values_list("pk", flat=True)
-    ]
+    return _ids(StreamSession.objects.filter(connection_id=connection_id, state__in=StreamSession.OPEN_STATES))
 
 
 def dashboard_sessions(*, recently_closed: int) -> tuple[list[StreamSession], list[StreamSession]]:
@@ -112,22 +124,14 @@ def open_sessions_of_worker(*, worker_id: int) -> list[StreamSession]:
 
 def sessions_with_silent_signaling(*, silent_after: datetime) -> list[str]:
     """Open socket-signaled sessions whose web process has not vouched for their socket lately."""
-    return [
-        str(pk)
-        for pk in StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES)
+    return _ids(
+        StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES, signaling_seen_at__lt=silent_after)
         .exclude(signaling_channel="")
-        .filter(signaling_seen_at__lt=silent_after)
-        .values_list("pk", flat=True)
-    ]
+    )
 
 
 def sessions_past_deadline() -> list[str]:
-    return [
-        str(pk)
-        for pk in StreamSession.objects.filter(
-            state__in=StreamSession.OPEN_STATES, deadline_at__lt=timezone.now()
-        ).values_list("pk", flat=True)
-    ]
+    return _ids(StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES, deadline_at__lt=timezone.now()))
 
 
 def _failed_cleanups() -> QuerySet[SessionEvent]:
@@ -136,12 +140,10 @@ def _failed_cleanups() -> QuerySet[SessionEvent]:
 
 def sessions_closing_since(*, before: datetime) -> list[str]:
     """Sessions closing since before ``before`` whose teardown has not run (a failed cleanup waits for its retry)."""
-    return [
-        str(pk)
-        for pk in StreamSession.objects.filter(state=StreamSession.State.CLOSING, closing_at__lt=before)
+    return _ids(
+        StreamSession.objects.filter(state=StreamSession.State.CLOSING, closing_at__lt=before)
         .exclude(pk__in=_failed_cleanups().values("session_id"))
-        .values_list("pk", flat=True)
-    ]
+    )
 
 
 def sessions_awaiting_cleanup() -> list[tuple[str, str]]:
@@ -152,3 +154,8 @@ def sessions_awaiting_cleanup() -> list[tuple[str, str]]:
         .filter(session__state=StreamSession.State.CLOSING)
         .values_list("session_id", "detail")
     ]
+
+
+def closed_among(*, session_ids: list[str]) -> list[str]:
+    """Which of these sessions are closed."""
+    return _ids(StreamSession.objects.filter(pk__in=session_ids, state=StreamSession.State.CLOSED))

@@ -113,12 +113,7 @@ def worker_heartbeat(
             frames_in=counts.frames_in, frames_out=counts.frames_out
         )
     _announce_worker(worker_id)
-    return [
-        str(pk)
-        for pk in StreamSession.objects.filter(pk__in=list(frames), state=StreamSession.State.CLOSED).values_list(
-            "pk", flat=True
-        )
-    ]
+    return selectors.closed_among(session_ids=list(frames))
 
 
 @transaction.atomic
@@ -335,13 +330,17 @@ def session_close(*, session_id: str, reason: str, by: str) -> bool:
     had_peer = session.state != StreamSession.State.WAITING
     _mark_closing(session, reason=reason, by=by)
     if had_peer:
-        message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": reason}
-        _send_after_commit(session.worker.channel_name, message)
+        _send_peer_close(session)
         # After the teardown's own message: dashboards must not delay it.
         _announce_session(session)
     else:
         _finish_close(session)
     return True
+
+
+def _send_peer_close(session: StreamSession) -> None:
+    message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": session.close_reason}
+    _send_after_commit(session.worker.channel_name, message)
 
 
 def _mark_closing(session: StreamSession, *, reason: str, by: str) -> None:
@@ -359,8 +358,7 @@ def session_resend_close(*, session_id: str) -> bool:
     session = StreamSession.objects.select_related("worker").filter(pk=session_id).first()
     if session is None or session.state != StreamSession.State.CLOSING or session.worker is None:
         return False
-    message: PeerClose = {"type": "peer.close", "session_id": str(session.pk), "reason": session.close_reason}
-    _send_after_commit(session.worker.channel_name, message)
+    _send_peer_close(session)
     return True
 
 
@@ -385,41 +383,27 @@ class TeardownStep:
 def session_closed(
     *, session_id: str, steps: list[TeardownStep], frames: FrameCounts | None = None
 ) -> bool:
-    """The worker finished tearing a closing session down: record it and free the slot."""
+    """The worker tore a closing session down: record its steps; False if it was not closing.
+
+    The session is closed and its slot freed, unless removing its files failed:
+    then it stays ``closing``, holding the slot, until a Celery task with
+    backoff removes them (``tasks.retry_session_cleanup``; the failed
+    ``cleaned_up`` step names the directory).
+    """
     session = _locked_session(session_id)
     if session.state != StreamSession.State.CLOSING:
         return False
-    _record_teardown(session, steps, frames)
-    _finish_close(session)
-    return True
-
-
-def _record_teardown(session: StreamSession, steps: list[TeardownStep], frames: FrameCounts | None) -> None:
-    """The worker's steps as events, and its final frame counts (saved with the session's next save)."""
     for step in steps:
         _record(session, step.kind, at=step.at, **step.detail)
     if frames is not None:
         session.frames_in = frames.frames_in
         session.frames_out = frames.frames_out
-
-
-@transaction.atomic
-def session_cleanup_failed(
-    *, session_id: str, steps: list[TeardownStep], frames: FrameCounts | None = None
-) -> bool:
-    """The worker closed the peer and stopped the pipeline but could not remove the session's files.
-
-    The steps are recorded (the failed ``cleaned_up`` names the directory) and
-    the session stays ``closing``, holding its slot, until a Celery task with
-    backoff removes the files (``tasks.retry_session_cleanup``).
-    """
-    session = _locked_session(session_id)
-    if session.state != StreamSession.State.CLOSING:
-        return False
-    _record_teardown(session, steps, frames)
-    session.save(update_fields=["frames_in", "frames_out"])
-    failed = next(step for step in steps if step.detail.get("failed"))
-    _retry_cleanup_after_commit(str(session.pk), failed.detail["files_dir"])
+    failed_cleanup = next((step for step in steps if step.detail.get("failed")), None)
+    if failed_cleanup is None:
+        _finish_close(session)
+    else:
+        session.save(update_fields=["frames_in", "frames_out"])
+        _retry_cleanup_after_commit(str(session.pk), failed_cleanup.detail["files_dir"])
     return True
 
 
@@ -479,11 +463,8 @@ def sweep() -> SweepResult:
     Each step is its own transaction through the services above, so one
     failing session does not stop the rest.
     """
-    silent_after = timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
-    lost_workers = list(
-        Worker.objects.filter(state__in=[Worker.State.ACTIVE, Worker.State.DRAINING], heartbeat_at__lt=silent_after)
-        .values_list("pk", flat=True)
-    )
+    silent_after = selectors.heartbeat_cutoff()
+    lost_workers = selectors.silent_workers(silent_after=silent_after)
     closed: dict[str, list[str]] = {}
     for worker_id in lost_workers:
         ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
