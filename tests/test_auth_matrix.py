@@ -10,6 +10,7 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -146,3 +147,20 @@ def test_session_ids_are_random_uuid4(users):
     ids = {alice_session(users) for _ in range(3)}
     assert len(ids) == 3
     assert all(len(i) == 36 and i[14] == "4" for i in ids)
+
+
+async def test_too_many_connections_a_minute_are_refused_rate_limited(users, settings):
+    settings.SCOPE_CONNECTIONS_PER_MINUTE = 2
+    await database_sync_to_async(cache.clear)()
+    token = await _token("alice", users)
+    headers = [(b"origin", b"http://127.0.0.1"), (b"authorization", f"Token {token}".encode())]
+    for _ in range(2):
+        accepted = WebsocketCommunicator(router, "/ws/webrtc/", headers=headers)
+        await accepted.connect()
+        assert (await accepted.receive_json_from(timeout=5))["type"] in ("ready", "queued")
+        await accepted.disconnect()
+    refused = WebsocketCommunicator(router, "/ws/webrtc/", headers=headers)
+    await refused.connect()
+    assert (await refused.receive_json_from(timeout=5))["code"] == "RATE_LIMITED"
+    assert await refused.receive_output(timeout=5) == {"type": "websocket.close", "code": 4029}
+    await database_sync_to_async(cache.clear)()
