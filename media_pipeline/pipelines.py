@@ -253,26 +253,50 @@ def _checked(spec: ParameterSpec, value: Any) -> Any:
 
 
 def validate_parameters(raw: Any, *, default_pipeline: str) -> tuple[str, dict[str, Any]]:
-    """Check a client's parameters; return the pipeline name and its full parameter dict."""
+    """Check a client's parameters; return the pipeline name and its full parameter dict.
+
+    Keys the pipeline does not know are left out, not refused (``ignored_parameters``
+    names them): real clients, Scope's among them, send more than a pipeline uses.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise _invalid("parameters must be an object")
     pipelines = available_pipelines()
-    name = raw.get("pipeline", default_pipeline)
-    # Membership is tested only on str so an unhashable value cannot raise TypeError.
-    if not isinstance(name, str) or name not in pipelines:
-        raise _invalid(f"'pipeline' must be one of: {', '.join(sorted(pipelines))}")
+    name = _chosen_pipeline(raw, pipelines, default_pipeline)
     specs = {spec.name: spec for spec in pipelines[name].parameter_specs}
     values = {spec_name: spec.default for spec_name, spec in specs.items()}
     for key, value in raw.items():
-        if key == "pipeline":
-            continue
-        spec = specs.get(key)
-        if spec is None:
-            raise _invalid(f"pipeline {name!r} has no parameter {key!r}")
-        values[key] = _checked(spec, value)
+        if key in specs:
+            values[key] = _checked(specs[key], value)
     return name, values
+
+
+def _chosen_pipeline(raw: dict[str, Any], pipelines: dict[str, type[Pipeline]], default_pipeline: str) -> str:
+    """``pipeline`` if given (it must exist); else the first of Scope's ``pipeline_ids`` this server has; else the default.
+
+    An unknown ``pipeline_ids`` entry is not an error: a Scope client may list
+    pipelines (preprocessors, its own models) that this server does not run.
+    """
+    if "pipeline" in raw:
+        name = raw["pipeline"]
+    else:
+        pipeline_ids = raw.get("pipeline_ids")
+        known = [pid for pid in pipeline_ids if isinstance(pid, str) and pid in pipelines] if isinstance(
+            pipeline_ids, list) else []
+        name = known[0] if known else default_pipeline
+    # Membership is tested only on str so an unhashable value cannot raise TypeError.
+    if not isinstance(name, str) or name not in pipelines:
+        raise _invalid(f"'pipeline' must be one of: {', '.join(sorted(pipelines))}")
+    return name
+
+
+def ignored_parameters(raw: Any, *, pipeline: str) -> list[str]:
+    """The keys of a client's parameters that ``pipeline`` does not use (recorded, never refused)."""
+    if not isinstance(raw, dict):
+        return []
+    used = {"pipeline", *(spec.name for spec in available_pipelines()[pipeline].parameter_specs)}
+    return sorted(key for key in raw if key not in used)
 
 
 def pick_device() -> torch.device:

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 import torch
 from aiortc import (
     RTCConfiguration,
+    RTCDataChannel,
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
@@ -54,6 +55,9 @@ from .tracks import PipelineTrack
 logger = logging.getLogger(__name__)
 
 PEER_CLOSE_TIMEOUT_SECONDS = 1.0
+# How long the peer's close waits for ``stream_stopped`` to leave on the data channel
+# (SCTP holds it back while earlier messages await their acknowledgement).
+STREAM_STOPPED_FLUSH_SECONDS = 0.25
 DB_CALL_TIMEOUT_SECONDS = 10.0
 
 
@@ -68,6 +72,7 @@ class PeerSession:
     pipeline: str
     parameters: dict[str, Any]
     track: PipelineTrack | None = None
+    data_channel: RTCDataChannel | None = None
     deadline_timer: asyncio.TimerHandle | None = None
     closing: bool = False
     # When inbound media last moved (loop clock), and the count it moved to.
@@ -143,7 +148,7 @@ class MediaWorker:
             task.cancel()
         for session_id in list(self._peers):
             await self._close_for(session_id, CloseReason.SERVER_SHUTDOWN, "shutdown")
-            await self._teardown(session_id)
+            await self._teardown(session_id, CloseReason.SERVER_SHUTDOWN)
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
@@ -210,7 +215,7 @@ class MediaWorker:
             peer = self._peers.get(session_id)
             if peer is not None and not peer.closing:
                 logger.warning("session %s is closed but this worker still held its peer: dropping it", session_id)
-                self._spawn(self._teardown(session_id), f"drop-{session_id}")
+                self._spawn(self._teardown(session_id, None), f"drop-{session_id}")
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())
@@ -269,7 +274,9 @@ class MediaWorker:
                 pc.addTrack(peer.track)
 
         @pc.on("datachannel")
-        def on_datachannel(channel) -> None:
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            peer.data_channel = channel
+
             @channel.on("message")
             def on_message(data) -> None:
                 self._spawn(self._datachannel_parameters(peer, channel, data), f"datachannel-{session_id}")
@@ -317,8 +324,11 @@ class MediaWorker:
             return
         if state == "connected":
             await _db(services.session_live, session_id=peer.session_id)
-        elif state in ("failed", "closed"):
-            await self._close_for(peer.session_id, CloseReason.PEER_FAILED, f"peer-{state}")
+        elif state == "closed":
+            # Not closed by us (peer.closing is unset): the client's DTLS close, as Scope's Stop does.
+            await self._close_for(peer.session_id, CloseReason.PEER_CLOSED, "peer-closed")
+        elif state == "failed":
+            await self._close_for(peer.session_id, CloseReason.PEER_FAILED, "peer-failed")
 
     # --- peer.candidate / peer.parameters ------------------------------------
 
@@ -378,10 +388,10 @@ class MediaWorker:
     # --- peer.close --------------------------------------------------------
 
     async def peer_close(self, message: PeerClose) -> None:
-        await self._teardown(message["session_id"])
+        await self._teardown(message["session_id"], message["reason"])
 
-    async def _teardown(self, session_id: str) -> None:
-        """Stop tracks, close the peer, stop the pipeline, delete files, then mark closed."""
+    async def _teardown(self, session_id: str, reason: str | None) -> None:
+        """Tell the client why (when known), stop tracks, close the peer, stop the pipeline, delete files, mark closed."""
         peer = self._peers.get(session_id)
         if peer is not None:
             peer.closing = True  # before the lock: a pending negotiation must not answer
@@ -390,17 +400,19 @@ class MediaWorker:
             steps: list[TeardownStep] = []
             frames = None
             if peer is not None:
-                steps = await self._release(peer)
+                steps = await self._release(peer, reason)
                 frames = peer.frame_counts()
             await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
         self._session_locks.pop(session_id, None)
         await self._report()
 
-    async def _release(self, peer: PeerSession) -> list[TeardownStep]:
+    async def _release(self, peer: PeerSession, reason: str | None) -> list[TeardownStep]:
         steps: list[TeardownStep] = []
         peer.closing = True
         if peer.deadline_timer is not None:
             peer.deadline_timer.cancel()
+        if reason is not None:
+            await self._send_stream_stopped(peer, reason)
         if peer.track is not None:
             peer.track.stop()
         try:
@@ -420,6 +432,20 @@ class MediaWorker:
             steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(),
                                       {"failed": str(exc), "files_dir": str(peer.files_dir)}))
         return steps
+
+    @staticmethod
+    async def _send_stream_stopped(peer: PeerSession, reason: str) -> None:
+        """Scope's clients learn that the server ended a stream from this data-channel message, not the socket."""
+        channel = peer.data_channel
+        if channel is None or channel.readyState != "open":
+            return
+        words = errors.close_message(reason, max_session_seconds=settings.SCOPE_MAX_SESSION_SECONDS)
+        channel.send(json.dumps({"type": "stream_stopped", "reason": reason, "error_message": words}))
+        # Closing the peer aborts SCTP and drops what is still queued: let the message leave first.
+        flush_by = time.monotonic() + STREAM_STOPPED_FLUSH_SECONDS
+        while channel.bufferedAmount > 0 and time.monotonic() < flush_by:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
 
     def _stop_pipeline(self, peer: PeerSession) -> dict[str, Any]:
         before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0

@@ -18,7 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from media_pipeline.pipelines import available_pipelines, validate_parameters
+from media_pipeline.pipelines import available_pipelines, ignored_parameters, validate_parameters
 
 from . import channels_util, errors, limits, selectors, services
 from .api_errors import NegotiationTimeout
@@ -83,7 +83,7 @@ class PipelinesView(APIView):
 @extend_schema_view(
     create=extend_schema(
         request=OfferInputSerializer,
-        responses={201: AnswerSerializer, 400: ERROR, 401: ERROR, 502: ERROR, 503: ERROR, 504: ERROR},
+        responses={200: AnswerSerializer, 400: ERROR, 401: ERROR, 502: ERROR, 503: ERROR, 504: ERROR},
     ),
     partial_update=extend_schema(
         parameters=[SESSION_ID], request=CandidatesInputSerializer, responses={204: None, 400: ERROR, 404: ERROR}
@@ -108,9 +108,8 @@ class OfferViewSet(viewsets.ViewSet):
         body = OfferInputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         sdp = validate_offer(sdp=body.validated_data["sdp"], sdp_type=body.validated_data["type"])
-        pipeline, parameters = validate_parameters(
-            body.validated_data.get("initialParameters") or {}, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
-        )
+        initial = body.validated_data.get("initialParameters") or {}
+        pipeline, parameters = validate_parameters(initial, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE)
         limits.check_offer(user=request.user, address=request.META.get("REMOTE_ADDR"))
         session = services.session_create_placed(owner=request.user)
         session_id = str(session.pk)
@@ -121,6 +120,7 @@ class OfferViewSet(viewsets.ViewSet):
                 session_id=session_id,
                 pipeline=pipeline,
                 parameters=parameters,
+                ignored_parameters=ignored_parameters(initial, pipeline=pipeline),
                 sdp=sdp,
                 sdp_type="offer",
                 reply_channel=reply_channel,
@@ -139,7 +139,8 @@ class OfferViewSet(viewsets.ViewSet):
             raise ScopeError(reply["code"], reply["error"])
         return Response(
             {"sdp": reply["sdp"], "type": reply["sdp_type"], "sessionId": session_id},
-            status=status.HTTP_201_CREATED,
+            # 200, not 201: Scope's clients expect its own server's status.
+            status=status.HTTP_200_OK,
             headers={"Location": reverse("webrtc-offer-detail", kwargs={"pk": session_id})},
         )
 

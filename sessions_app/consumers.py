@@ -19,7 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import errors, limits, liveness, selectors, services
-from .errors import CLOSE_CODES, ScopeError, close_message
+from .errors import ScopeError, close_message, keeps_socket, socket_close_code
 from .messages import (
     QUEUE_GROUP,
     QueueChanged,
@@ -64,18 +64,29 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             return
         try:
             await _db(limits.check_connection)(user=self.user, address=self._address())
+        except ScopeError as exc:
+            await self._send_error(exc.code, exc.message)
+            await self.close(CLOSE_RATE_LIMITED)
+            return
+        if not await self._reserve_session():
+            await self.close(CLOSE_RATE_LIMITED)
+            return
+        self.authorized = True
+        liveness.socket_opened(self.connection_id, self.channel_name)
+        await self._offer_slot()
+
+    async def _reserve_session(self) -> bool:
+        """A waiting session for this socket's next offer; False (the client told why) if its owner may open no more."""
+        try:
             session = await _db(services.session_create)(
                 owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
             )
         except ScopeError as exc:
             await self._send_error(exc.code, exc.message)
-            await self.close(CLOSE_RATE_LIMITED)
-            return
-        self.authorized = True
-        liveness.socket_opened(self.connection_id, self.channel_name)
+            return False
         self.reserved_session_id = str(session.pk)
         self.session_ids.append(self.reserved_session_id)
-        await self._offer_slot()
+        return True
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -118,7 +129,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             if self.queued:
                 self.queued = False
                 await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
-            await self._send({"type": "ready", "connection_id": self.connection_id})
+            await self._send({"type": "ready", "connection_id": self.connection_id, "sessionId": session_id})
             return
         if not self.queued:
             self.queued = True
@@ -175,16 +186,16 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         )
 
     async def handle_offer(self, message: dict[str, Any], request_id: Any) -> None:
-        from media_pipeline.pipelines import validate_parameters
+        from media_pipeline.pipelines import ignored_parameters, validate_parameters
 
         sdp = validate_offer(message.get("sdp"), message.get("sdp_type", "offer"))
-        pipeline, parameters = validate_parameters(
-            message.get("initialParameters"), default_pipeline=settings.SCOPE_DEFAULT_PIPELINE
-        )
+        initial = message.get("initialParameters")
+        pipeline, parameters = validate_parameters(initial, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE)
         await _db(limits.check_offer)(user=self.user, address=self._address())
         session_id = await self._session_for_offer()
         session = await _db(services.session_offer)(
-            session_id=session_id, pipeline=pipeline, parameters=parameters, sdp=sdp, sdp_type="offer",
+            session_id=session_id, pipeline=pipeline, parameters=parameters,
+            ignored_parameters=ignored_parameters(initial, pipeline=pipeline), sdp=sdp, sdp_type="offer",
             reply_channel=self.channel_name, request_id=request_id,
         )
         self._arm(session_id, "negotiation", settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS,
@@ -217,7 +228,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             raise ScopeError(errors.INVALID_MESSAGE, "candidate must be null or an object with a 'candidate' string.")
         session_id = self._own_session(message)
         await _db(services.session_add_candidate)(session_id=session_id, candidate=candidate)
-        await self._send({"type": "icecandidate_ack", "status": "ok", "sessionId": session_id}, request_id)
+        status = "ok" if candidate is not None else "end_of_candidates"
+        await self._send({"type": "icecandidate_ack", "status": status, "sessionId": session_id}, request_id)
 
     async def handle_parameters(self, message: dict[str, Any], request_id: Any) -> None:
         from media_pipeline.parameters import apply_update
@@ -281,7 +293,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         """This web process is stopping: end this socket's sessions; the last one's end closes it (4012)."""
         await self._close_open_sessions(CloseReason.SERVER_SHUTDOWN, f"socket:{self.connection_id}:shutdown")
         if not self.session_ids:
-            await self.close(CLOSE_CODES[CloseReason.SERVER_SHUTDOWN])
+            await self.close(socket_close_code(CloseReason.SERVER_SHUTDOWN))
 
     async def session_ended(self, message: SessionEnded) -> None:
         session_id, reason = message["session_id"], message["reason"]
@@ -296,7 +308,12 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self._send_error(
             reason, close_message(reason, max_session_seconds=settings.SCOPE_MAX_SESSION_SECONDS), session_id=session_id
         )
-        code = CLOSE_CODES.get(reason)
+        if keeps_socket(reason):
+            # The client closed or lost only its peer: it may offer again on this socket.
+            if self.reserved_session_id not in self.session_ids and await self._reserve_session():
+                await self._offer_slot()
+            return
+        code = socket_close_code(reason)
         if not self.session_ids and code is not None:
             await self.close(code)
 

@@ -1,5 +1,6 @@
 """Error codes shared by the socket and the REST API, and the words shown for them."""
 
+from dataclasses import dataclass
 from typing import Final
 
 
@@ -19,31 +20,41 @@ NO_CAPACITY: Final = "NO_CAPACITY"
 UNAUTHORIZED: Final = "UNAUTHORIZED"
 RATE_LIMITED: Final = "RATE_LIMITED"
 
-# What a person is told when the server ends their session.
-CLOSE_MESSAGES: Final = {
-    "CLIENT_DISCONNECT": "You left the session.",
-    "SESSION_TERMINATED": "Session ended by an operator.",
-    "PEER_FAILED": "The video connection failed or was closed.",
-    "WORKER_LOST": "Lost connection to the media server.",
-    "SERVER_SHUTDOWN": "The server is restarting; start again in a moment.",
-    "IDLE_TIMEOUT": "No video arrived from your camera for too long.",
-    "SIGNALING_LOST": "Lost connection to the server.",
-    "ERROR": "Something went wrong on the server, so the session was ended.",
+@dataclass(frozen=True)
+class CloseRule:
+    """What ending a session for one reason means for its signaling socket and its user."""
+
+    # The WebSocket close code when this ends the socket's last open session;
+    # None: the socket stays open (the client may offer again) or is already gone.
+    socket_code: int | None
+    message: str
+    # The client may offer again on the same socket (Scope's Stop closes only its peer).
+    keeps_socket: bool = False
+
+
+# Every close reason, with its socket code and the words shown to a person.
+CLOSE_RULES: Final[dict[str, CloseRule]] = {
+    "CLIENT_DISCONNECT": CloseRule(None, "You left the session."),
+    "MAX_DURATION_EXCEEDED": CloseRule(4008, "Time limit reached."),
+    "SESSION_TERMINATED": CloseRule(4009, "Session ended by an operator."),
+    "PEER_CLOSED": CloseRule(None, "The video connection was closed.", keeps_socket=True),
+    "PEER_FAILED": CloseRule(None, "The video connection failed.", keeps_socket=True),
+    "WORKER_LOST": CloseRule(4011, "Lost connection to the media server."),
+    "SERVER_SHUTDOWN": CloseRule(4012, "The server is restarting; start again in a moment."),
+    "IDLE_TIMEOUT": CloseRule(4013, "No video arrived from your camera for too long."),
+    "SIGNALING_LOST": CloseRule(None, "Lost connection to the server."),
+    "ERROR": CloseRule(4500, "Something went wrong on the server, so the session was ended."),
 }
 
 
-# WebSocket close code per close reason (None: the socket is already gone).
-CLOSE_CODES: Final = {
-    "CLIENT_DISCONNECT": None,
-    "MAX_DURATION_EXCEEDED": 4008,
-    "SESSION_TERMINATED": 4009,
-    "PEER_FAILED": 4010,
-    "WORKER_LOST": 4011,
-    "SERVER_SHUTDOWN": 4012,
-    "IDLE_TIMEOUT": 4013,
-    "SIGNALING_LOST": None,
-    "ERROR": 4500,
-}
+def socket_close_code(reason: str) -> int | None:
+    rule = CLOSE_RULES.get(reason)
+    return rule.socket_code if rule is not None else None
+
+
+def keeps_socket(reason: str) -> bool:
+    rule = CLOSE_RULES.get(reason)
+    return rule is not None and rule.keeps_socket
 
 
 def _duration_words(seconds: float) -> str:
@@ -58,4 +69,5 @@ def close_message(reason: str, *, max_session_seconds: float) -> str:
     """The words for a close reason, with the time limit spelled out where it applies."""
     if reason == "MAX_DURATION_EXCEEDED":
         return f"Time limit of {_duration_words(max_session_seconds)} reached."
-    return CLOSE_MESSAGES.get(reason, reason)
+    rule = CLOSE_RULES.get(reason)
+    return rule.message if rule is not None else reason

@@ -34,6 +34,7 @@ class CloseReason(models.TextChoices):
     CLIENT_DISCONNECT = "CLIENT_DISCONNECT"
     MAX_DURATION_EXCEEDED = "MAX_DURATION_EXCEEDED"
     SESSION_TERMINATED = "SESSION_TERMINATED"
+    PEER_CLOSED = "PEER_CLOSED"
     PEER_FAILED = "PEER_FAILED"
     WORKER_LOST = "WORKER_LOST"
     SERVER_SHUTDOWN = "SERVER_SHUTDOWN"
@@ -88,6 +89,7 @@ class SessionEvent(models.Model):
     class Kind(models.TextChoices):
         CREATED = "created"
         PLACED = "placed"
+        OFFERED = "offered"
         ANSWERED = "answered"
         LIVE = "live"
         CLOSING = "closing"

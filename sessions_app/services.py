@@ -224,11 +224,12 @@ def session_create_placed(
 
 
 @transaction.atomic
-def session_offer(*, session_id: str, pipeline: str, parameters: dict[str, Any], sdp: str, sdp_type: str,
-                  reply_channel: str, request_id: Any = None) -> StreamSession:
+def session_offer(*, session_id: str, pipeline: str, parameters: dict[str, Any], ignored_parameters: list[str],
+                  sdp: str, sdp_type: str, reply_channel: str, request_id: Any = None) -> StreamSession:
     """A placed, waiting session received its offer: hand it to its worker.
 
-    The max-duration clock starts here.
+    The max-duration clock starts here. The ``offered`` event records the
+    pipeline and the client's parameters it does not use.
     """
     session = _locked_session(session_id)
     if session.state != StreamSession.State.WAITING or session.worker_id is None:
@@ -239,6 +240,7 @@ def session_offer(*, session_id: str, pipeline: str, parameters: dict[str, Any],
     session.parameters = parameters
     session.deadline_at = now + timedelta(seconds=settings.SCOPE_MAX_SESSION_SECONDS)
     session.save(update_fields=["state", "pipeline", "parameters", "deadline_at"])
+    _record(session, SessionEvent.Kind.OFFERED, at=now, pipeline=pipeline, ignored_parameters=ignored_parameters)
     _announce_session(session)
     message: PeerOffer = {
         "type": "peer.offer",

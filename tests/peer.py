@@ -96,6 +96,9 @@ class ClientPeer:
         self.track = SolidColorTrack(color)
         self.pc.addTrack(self.track)
         self.channel: RTCDataChannel = self.pc.createDataChannel("parameters")
+        # (time.monotonic(), message) of every JSON message the server sent on the data channel.
+        self.channel_messages: list[tuple[float, dict[str, Any]]] = []
+        self.channel.on("message", self._on_channel_message)
         self.session_id: str | None = None
         # (time.monotonic(), mean RGB) of every frame the server sent back.
         self.frames: list[tuple[float, MeanColor]] = []
@@ -105,6 +108,10 @@ class ClientPeer:
         self._closed = False
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
+
+    def _on_channel_message(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            self.channel_messages.append((time.monotonic(), json.loads(data)))
 
     def _on_connection_state(self) -> None:
         self.connection_states.append(self.pc.connectionState)

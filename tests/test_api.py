@@ -285,7 +285,7 @@ def answering_worker(monkeypatch):
     return install
 
 
-def test_offer_answered_by_the_worker_is_201_with_the_answer(alice, answering_worker):
+def test_offer_answered_by_the_worker_is_200_with_the_answer(alice, answering_worker):
     live_worker()
     answering_worker({"type": "signaling.answer", "sdp": "v=0\r\nanswer\r\n", "sdp_type": "answer"})
     response = client_for(alice).post(
@@ -293,7 +293,7 @@ def test_offer_answered_by_the_worker_is_201_with_the_answer(alice, answering_wo
         {"sdp": OFFER_SDP, "type": "offer", "initialParameters": {"pipeline": "invert"}},
         format="json",
     )
-    assert response.status_code == 201, response.content
+    assert response.status_code == 200, response.content
     body = response.json()
     assert body["sdp"] == "v=0\r\nanswer\r\n"
     assert body["type"] == "answer"

@@ -31,7 +31,7 @@ FAST_NETS = {"SCOPE_HEARTBEAT_SECONDS": HEARTBEAT, "SCOPE_SWEEP_SECONDS": SWEEP,
 # Scheduling slack on a small, busy machine: the bound is the design's, the slack is the test's.
 SLACK = 3.0
 # The trail of a session whose worker died: nobody was left to record the teardown steps.
-LOST_TRAIL = ["created", "placed", "answered", "live", "closing", "closed"]
+LOST_TRAIL = ["created", "placed", "offered", "answered", "live", "closing", "closed"]
 TEARDOWN = FULL_TRAIL[FULL_TRAIL.index("closing"):]
 
 

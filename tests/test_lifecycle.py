@@ -15,7 +15,7 @@ from tests.peer import ClientPeer, ScopeClient, SessionRefused, SolidColorTrack
 
 SENT = (200, 60, 20)
 INVERTED = tuple(255 - c for c in SENT)
-FULL_TRAIL = ["created", "placed", "answered", "live", "closing", "peer_closed", "pipeline_stopped", "cleaned_up",
+FULL_TRAIL = ["created", "placed", "offered", "answered", "live", "closing", "peer_closed", "pipeline_stopped", "cleaned_up",
               "closed"]
 
 
@@ -164,19 +164,56 @@ async def test_closing_the_socket_closes_every_session_it_opened(embedded_server
         assert [event["kind"] for event in record["events"]] == FULL_TRAIL
 
 
-async def test_client_closing_its_peer_ends_the_session_and_the_socket(embedded_server: ScopeServer) -> None:
+async def test_stop_then_play_again_on_one_socket_streams(embedded_server: ScopeServer) -> None:
+    """Scope's Stop closes the peer and keeps the socket; Play 0.3 s later offers on the same socket."""
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        first_ready = await client.expect("ready")
+        first = await live_peer(client, embedded_server)
+        assert first.session_id == first_ready["sessionId"]
+        await first.close()
+        stopped_at = time.monotonic()
+        error = await client.expect("error", timeout=5, sessionId=first.session_id)
+        second_ready = await client.expect("ready", timeout=5)
+        await asyncio.sleep(max(0.0, stopped_at + 0.3 - time.monotonic()))
+        second = await live_peer(client, embedded_server, pipeline="passthrough")
+        await second.wait_frames(len(second.frames) + 10)
+        assert not client.closed.is_set(), f"the socket was closed ({client.close_code})"
+
+    assert error["code"] == "PEER_CLOSED"
+    assert second.session_id == second_ready["sessionId"] != first.session_id
+    record = embedded_server.closed_session(first.session_id)
+    assert record["close_reason"] == "PEER_CLOSED"
+    assert [event["kind"] for event in record["events"]][-5:] == FULL_TRAIL[-5:]
+
+
+async def test_the_data_channel_hears_stream_stopped_before_the_peer_closes(embedded_server: ScopeServer) -> None:
     async with ScopeClient() as client:
         await client.connect(embedded_server, "alice")
         await client.expect("ready")
         peer = await live_peer(client, embedded_server)
-        await peer.close()
-        error = await client.expect("error", timeout=5, sessionId=peer.session_id)
-        code = await client.wait_closed(2)
+        response = await asyncio.to_thread(
+            embedded_server.api, "DELETE", f"/api/v1/webrtc/offer/{peer.session_id}", user="staff"
+        )
+        assert response.status_code == 204, response.text
+        await peer.wait_server_closed(2)
 
-    assert error["code"] == "PEER_FAILED"
-    assert code == 4010
-    record = embedded_server.closed_session(peer.session_id)
-    assert record["close_reason"] == "PEER_FAILED"
+    stopped = [(at, message) for at, message in peer.channel_messages if message.get("type") == "stream_stopped"]
+    assert [message for _, message in stopped] == [
+        {"type": "stream_stopped", "reason": "SESSION_TERMINATED", "error_message": "Session ended by an operator."}
+    ]
+    assert stopped[0][0] <= peer.remote_ended_at
+
+
+async def test_end_of_candidates_is_acknowledged_as_such(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, embedded_server)
+        await client.send({"type": "icecandidate", "candidate": None, "sessionId": peer.session_id})
+        ack = await client.expect("icecandidate_ack", sessionId=peer.session_id)
+
+    assert ack["status"] == "end_of_candidates"
 
 
 async def test_bad_messages_get_codes_and_change_nothing(embedded_server: ScopeServer) -> None:
@@ -237,7 +274,7 @@ async def test_http_signaling_streams_and_delete_closes_it(embedded_server: Scop
         await pc.setLocalDescription(await pc.createOffer())
         body = {"sdp": pc.localDescription.sdp, "type": "offer", "initialParameters": {"pipeline": "edges"}}
         response = await asyncio.to_thread(embedded_server.api, "POST", "/api/v1/webrtc/offer", user="alice", json=body)
-        assert response.status_code == 201, response.text
+        assert response.status_code == 200, response.text
         answer = response.json()
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         await embedded_server.wait_until_async(lambda: len(frames) >= 5, 15, what="frames over HTTP signaling")

@@ -16,6 +16,7 @@ from media_pipeline.pipelines import (
     Pipeline,
     available_pipelines,
     pick_device,
+    ignored_parameters,
     validate_parameters,
 )
 from sessions_app.errors import INVALID_MESSAGE, ScopeError
@@ -181,6 +182,26 @@ def test_validate_parameters_makes_float_parameters_floats() -> None:
     assert type(values["strength"]) is float
 
 
+def test_unknown_keys_are_left_out_and_named_as_ignored() -> None:
+    raw = {"pipeline": "blur", "radius": 4, "prompts": [{"text": "a cat", "weight": 1}], "input_mode": "video"}
+    assert validate_parameters(raw, default_pipeline="passthrough") == ("blur", {"radius": 4})
+    assert ignored_parameters(raw, pipeline="blur") == ["input_mode", "prompts"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"pipeline_ids": ["edges"]}, "edges"),
+        ({"pipeline_ids": ["longlive", "blur"]}, "blur"),  # the first this server has
+        ({"pipeline_ids": ["longlive"]}, "passthrough"),  # none it has: the default
+        ({"pipeline_ids": "blur"}, "passthrough"),
+        ({"pipeline": "invert", "pipeline_ids": ["blur"]}, "invert"),  # an explicit pipeline wins
+    ],
+)
+def test_scope_pipeline_ids_pick_the_pipeline(raw: dict[str, Any], expected: str) -> None:
+    assert validate_parameters(raw, default_pipeline="passthrough")[0] == expected
+
+
 @pytest.mark.parametrize(
     ("raw", "named"),
     [
@@ -189,8 +210,6 @@ def test_validate_parameters_makes_float_parameters_floats() -> None:
         ({"pipeline": "sharpen"}, "pipeline"),
         ({"pipeline": None}, "pipeline"),
         ({"pipeline": ["blur"]}, "pipeline"),
-        ({"pipeline": "blur", "sigma": 1}, "sigma"),
-        ({"pipeline": "invert", "amount": 0.5}, "amount"),
         ({"pipeline": "blur", "radius": "3"}, "radius"),
         ({"pipeline": "blur", "radius": 3.0}, "radius"),
         ({"pipeline": "blur", "radius": None}, "radius"),

@@ -17,14 +17,13 @@
 
   // Codes that end a session (the design's close reasons, and refusals before one exists).
   const ENDING_CODES = new Set([
-    "CLIENT_DISCONNECT", "MAX_DURATION_EXCEEDED", "SESSION_TERMINATED", "PEER_FAILED", "WORKER_LOST",
+    "CLIENT_DISCONNECT", "MAX_DURATION_EXCEEDED", "SESSION_TERMINATED", "PEER_CLOSED", "PEER_FAILED", "WORKER_LOST",
     "SERVER_SHUTDOWN", "IDLE_TIMEOUT", "SIGNALING_LOST", "ERROR", "UNAUTHORIZED", "NO_CAPACITY", "INVALID_SDP",
   ]);
   const SOCKET_CLOSE_WORDS = {
     4003: "Log in to stream.",
     4008: "Time limit reached.",
     4009: "Session ended by an operator.",
-    4010: "The video connection failed or was closed.",
     4011: "Lost connection to the media server.",
     4012: "The server is restarting; start again in a moment.",
     4013: "No video arrived from your camera for too long.",
@@ -346,7 +345,9 @@
     onChannelMessage(event) {
       let message;
       try { message = JSON.parse(event.data); } catch { return; }
-      if (message.type === "error") showNotice(message.error);
+      // The server says why it ends the stream here too, just before it closes the peer.
+      if (message.type === "stream_stopped") this.end(message.error_message, message.reason);
+      else if (message.type === "error") showNotice(message.error);
       else if (message.type === "parameters_ack") showNotice("");
     }
 
