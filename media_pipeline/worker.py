@@ -27,12 +27,12 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.sdp import candidate_from_sdp
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
 from sessions_app import errors, services
+from sessions_app.db_lanes import liveness_db
 from sessions_app.errors import ScopeError
 from sessions_app.messages import (
     PeerCandidate,
@@ -46,7 +46,7 @@ from sessions_app.models import CloseReason, SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
 from sessions_app.session_files import remove_session_files
 
-from .ice import enforce_ice_addresses
+from .ice import deny_remote_networks, enforce_ice_addresses
 from .jitter import release_frames_on_marker
 from .parameters import apply_update
 from .pipelines import FrameProcessor, pick_device
@@ -86,8 +86,8 @@ class PeerSession:
 
 
 async def _db(func: Callable[..., Any], **kwargs: Any) -> Any:
-    """Run a service off the event loop, bounded."""
-    return await asyncio.wait_for(database_sync_to_async(func)(**kwargs), DB_CALL_TIMEOUT_SECONDS)
+    """Run a service off the event loop, bounded; never behind the web process's request handling (embedded)."""
+    return await asyncio.wait_for(liveness_db(func, **kwargs), DB_CALL_TIMEOUT_SECONDS)
 
 
 class MediaWorker:
@@ -120,6 +120,7 @@ class MediaWorker:
 
     async def start(self) -> None:
         enforce_ice_addresses(settings.SCOPE_ICE_ENFORCE_LIST)
+        deny_remote_networks(settings.SCOPE_ICE_DENY_LIST)
         if settings.SCOPE_RELEASE_ON_MARKER:
             release_frames_on_marker()
         self.channel_name = await self.channel_layer.new_channel("mediaworker.")
@@ -204,18 +205,22 @@ class MediaWorker:
                                 f"idle-{peer.session_id}")
 
     async def _report(self) -> None:
-        stale = await _db(
+        reply = await _db(
             services.worker_heartbeat,
             worker_id=self.worker_id,
             peer_count=self.peer_count,
             asyncio_tasks=len(asyncio.all_tasks()),
             frames={sid: peer.frame_counts() for sid, peer in self._peers.items()},
         )
-        for session_id in stale:
+        if reply.returned:
+            logger.warning("worker %s had been declared gone: dropping the peers of its ended sessions, "
+                           "taking sessions again", self.worker_id)
+        for session_id, reason in reply.closed.items():
             peer = self._peers.get(session_id)
             if peer is not None and not peer.closing:
-                logger.warning("session %s is closed but this worker still held its peer: dropping it", session_id)
-                self._spawn(self._teardown(session_id, None), f"drop-{session_id}")
+                logger.warning("session %s is closed (%s) but this worker still held its peer: dropping it",
+                               session_id, reason)
+                self._spawn(self._teardown(session_id, reason), f"drop-{session_id}")
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())
@@ -390,8 +395,8 @@ class MediaWorker:
     async def peer_close(self, message: PeerClose) -> None:
         await self._teardown(message["session_id"], message["reason"])
 
-    async def _teardown(self, session_id: str, reason: str | None) -> None:
-        """Tell the client why (when known), stop tracks, close the peer, stop the pipeline, delete files, mark closed."""
+    async def _teardown(self, session_id: str, reason: str) -> None:
+        """Tell the client why, stop tracks, close the peer, stop the pipeline, delete files, mark closed."""
         peer = self._peers.get(session_id)
         if peer is not None:
             peer.closing = True  # before the lock: a pending negotiation must not answer
@@ -406,13 +411,12 @@ class MediaWorker:
         self._session_locks.pop(session_id, None)
         await self._report()
 
-    async def _release(self, peer: PeerSession, reason: str | None) -> list[TeardownStep]:
+    async def _release(self, peer: PeerSession, reason: str) -> list[TeardownStep]:
         steps: list[TeardownStep] = []
         peer.closing = True
         if peer.deadline_timer is not None:
             peer.deadline_timer.cancel()
-        if reason is not None:
-            await self._send_stream_stopped(peer, reason)
+        await self._send_stream_stopped(peer, reason)
         if peer.track is not None:
             peer.track.stop()
         try:

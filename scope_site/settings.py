@@ -4,11 +4,13 @@ Without ``REDIS_URL`` the server runs embedded: one process, in-memory channel
 layer, SQLite, the media worker inside the web process, Celery eager.
 """
 
+import ipaddress
 import json
 import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -46,6 +48,14 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_networks(name: str, default: list[str]) -> list[str]:
+    """Comma-separated CIDRs (a bare address is one host), normalized."""
+    try:
+        return [str(ipaddress.ip_network(item, strict=False)) for item in env_list(name, default)]
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be comma-separated CIDRs such as 10.0.0.0/8: {exc}") from exc
+
+
 REDIS_URL = os.environ.get("REDIS_URL", "")
 SCOPE_EMBEDDED = not REDIS_URL
 
@@ -57,6 +67,24 @@ if not SECRET_KEY:
     # Embedded mode is a single local process; a fixed key keeps logins across restarts.
     SECRET_KEY = "scope-embedded-insecure-key-set-SECRET_KEY-for-anything-shared"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+# Behind a reverse proxy (README, "Production"). X-Forwarded-For/-Proto are
+# believed only from these peers (scope_site/proxies.py), so
+# SECURE_PROXY_SSL_HEADER, which believes anyone, stays unset.
+SCOPE_TRUSTED_PROXIES = env_networks("SCOPE_TRUSTED_PROXIES", [])
+# WebSocket Origins allowed besides none at all; empty: the server's own (scope_site/origins.py).
+SCOPE_ALLOWED_ORIGINS = env_list("SCOPE_ALLOWED_ORIGINS", [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+SCOPE_HTTPS = env_bool("SCOPE_HTTPS", False)
+if SCOPE_HTTPS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    # Probes speak plain HTTP to the process itself, not through the proxy.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$"]
+    SECURE_HSTS_SECONDS = 365 * 24 * 3600
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
 
 INSTALLED_APPS = [
     "daphne",
@@ -76,11 +104,14 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: an oversized REST body is refused before anything else looks at the request.
+    "sessions_app.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "sessions_app.login_throttle.LoginThrottleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -138,7 +169,7 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "stream"
 LOGOUT_REDIRECT_URL = "stream"
 
-# Shared by every web process when scaled: the rate limits count here.
+# Shared by every web process when scaled: the rate limits and the login throttle count here.
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
@@ -164,6 +195,12 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # DRF's defaults, with JSON nesting bounded (sessions_app/json_limits.py).
+    "DEFAULT_PARSER_CLASSES": [
+        "sessions_app.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sessions_app.api_errors.exception_handler",
@@ -211,6 +248,12 @@ LOGGING = {
 # --- Scope ---------------------------------------------------------------
 SCOPE_MAX_SESSION_SECONDS = env_float("SCOPE_MAX_SESSION_SECONDS", 3600)
 SCOPE_IDLE_TIMEOUT_SECONDS = env_float("SCOPE_IDLE_TIMEOUT_SECONDS", 10)
+# A socket told ``ready`` that sends no offer this long gives its slot back (IDLE_TIMEOUT).
+SCOPE_OFFER_TIMEOUT_SECONDS = env_float("SCOPE_OFFER_TIMEOUT_SECONDS", 30)
+# Sockets waiting for a slot; beyond, a new one is refused NO_CAPACITY (close 4503).
+SCOPE_MAX_QUEUE = int(env_float("SCOPE_MAX_QUEUE", 100))
+# A session whose files its worker cannot remove closes anyway after this long (loudly).
+SCOPE_CLEANUP_GIVE_UP_SECONDS = env_float("SCOPE_CLEANUP_GIVE_UP_SECONDS", 3600)
 SCOPE_HEARTBEAT_SECONDS = env_float("SCOPE_HEARTBEAT_SECONDS", 2)
 SCOPE_SWEEP_SECONDS = env_float("SCOPE_SWEEP_SECONDS", 2)
 SCOPE_WORKER_CAPACITY = int(env_float("SCOPE_WORKER_CAPACITY", 4))
@@ -221,12 +264,23 @@ SCOPE_OFFERS_PER_MINUTE = int(env_float("SCOPE_OFFERS_PER_MINUTE", 600))
 SCOPE_DEFAULT_PIPELINE = os.environ.get("SCOPE_DEFAULT_PIPELINE", "passthrough")
 SCOPE_ALLOW_ANONYMOUS = env_bool("SCOPE_ALLOW_ANONYMOUS", SCOPE_EMBEDDED)
 SCOPE_ICE_ENFORCE_LIST = env_list("SCOPE_ICE_ENFORCE_LIST", [])
+# Remote candidates in these networks are never contacted: "this network", link-local
+# (cloud metadata services live there) and multicast.
+SCOPE_ICE_DENY_LIST = env_networks("SCOPE_ICE_DENY_LIST", ["0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "ff00::/8"])
+# Remote ICE candidates one session may name over its life, its offer's included.
+SCOPE_MAX_CANDIDATES_PER_SESSION = int(env_float("SCOPE_MAX_CANDIDATES_PER_SESSION", 32))
 # torch's intra-op threads on a CPU worker: the pipeline thread shares the cores
 # with the codec threads, and more threads made each op slower here, not faster.
 SCOPE_TORCH_THREADS = int(env_float("SCOPE_TORCH_THREADS", 1))
 # Hand a received video frame to the decoder at its RTP marker bit rather than
 # at the next frame's first packet (media_pipeline/jitter.py): one frame less latency.
 SCOPE_RELEASE_ON_MARKER = env_bool("SCOPE_RELEASE_ON_MARKER", True)
+# Failed logins (the login page and the admin's) before a 429, and for how long they count.
+SCOPE_LOGIN_FAILURES_PER_USERNAME = int(env_float("SCOPE_LOGIN_FAILURES_PER_USERNAME", 5))
+SCOPE_LOGIN_FAILURES_PER_ADDRESS = int(env_float("SCOPE_LOGIN_FAILURES_PER_ADDRESS", 20))
+SCOPE_LOGIN_LOCKOUT_SECONDS = env_float("SCOPE_LOGIN_LOCKOUT_SECONDS", 900)
+# Closed sessions and their events are deleted this many days after closing; 0 keeps them.
+SCOPE_RETENTION_DAYS = env_float("SCOPE_RETENTION_DAYS", 30)
 SCOPE_SESSION_FILES_DIR = Path(os.environ.get("SCOPE_SESSION_FILES_DIR", BASE_DIR / "var" / "sessions"))
 # How long negotiation (offer → answer) and teardown may take before giving up.
 SCOPE_NEGOTIATION_TIMEOUT_SECONDS = env_float("SCOPE_NEGOTIATION_TIMEOUT_SECONDS", 10)
@@ -239,5 +293,8 @@ except json.JSONDecodeError as exc:
 if not isinstance(SCOPE_ICE_SERVERS, list):
     raise ImproperlyConfigured("SCOPE_ICE_SERVERS must be a JSON list")
 
-# The safety-net sweep (sessions_app.tasks); embedded mode runs it on an in-process timer instead.
-CELERY_BEAT_SCHEDULE = {"sweep": {"task": "sessions_app.sweep", "schedule": SCOPE_SWEEP_SECONDS}}
+# The safety-net sweep and the daily prune (sessions_app.tasks); embedded mode runs both on an in-process timer instead.
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {"task": "sessions_app.sweep", "schedule": SCOPE_SWEEP_SECONDS},
+    "prune-sessions": {"task": "sessions_app.prune_sessions", "schedule": crontab(hour=3, minute=0)},
+}

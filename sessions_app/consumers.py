@@ -20,13 +20,16 @@ from django.utils import timezone
 
 from . import errors, limits, liveness, selectors, services
 from .errors import ScopeError, close_message, keeps_socket, socket_close_code
+from .json_limits import parse_json_message
 from .messages import (
     QUEUE_GROUP,
     QueueChanged,
     SessionEnded,
+    SessionPlaced,
     SignalingAnswer,
     SignalingError,
     SignalingShutdown,
+    SocketRevoked,
 )
 from .models import CloseReason
 from .sdp import validate_offer
@@ -34,8 +37,10 @@ from .sdp import validate_offer
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4003
-# Refused for a rate limit before any session existed (HTTP's 429, in the application range).
-CLOSE_RATE_LIMITED = 4029
+# A socket refused at connect, before it held anything: HTTP's status, in the application range.
+REFUSAL_CLOSE_CODES = {errors.RATE_LIMITED: 4029, errors.NO_CAPACITY: 4503}
+# A queued socket hears of its new place at most this often.
+PLACE_UPDATE_INTERVAL_SECONDS = 1.0
 MAX_USER_ID_LENGTH = 128
 
 
@@ -54,6 +59,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.session_ids: list[str] = []
         self.reserved_session_id: str | None = None
         self.queued = False
+        self.place_sent: int | None = None  # the queue place this socket was last told
+        self.place_sent_at = 0.0
         self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task] = set()
         await self.accept()
@@ -64,29 +71,25 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             return
         try:
             await _db(limits.check_connection)(user=self.user, address=self._address())
+            await self._reserve_session()
         except ScopeError as exc:
             await self._send_error(exc.code, exc.message)
-            await self.close(CLOSE_RATE_LIMITED)
-            return
-        if not await self._reserve_session():
-            await self.close(CLOSE_RATE_LIMITED)
+            await self.close(REFUSAL_CLOSE_CODES[exc.code])
             return
         self.authorized = True
         liveness.socket_opened(self.connection_id, self.channel_name)
+        if self.user.is_authenticated:
+            liveness.holder_joined(self.channel_name, user_id=self.user.pk, staff_only=False)
         await self._offer_slot()
 
-    async def _reserve_session(self) -> bool:
-        """A waiting session for this socket's next offer; False (the client told why) if its owner may open no more."""
-        try:
-            session = await _db(services.session_create)(
-                owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name
-            )
-        except ScopeError as exc:
-            await self._send_error(exc.code, exc.message)
-            return False
+    async def _reserve_session(self) -> None:
+        """A waiting session for this socket's next offer (RATE_LIMITED, NO_CAPACITY: queue full)."""
+        session = await _db(services.session_create)(
+            owner=self.user, connection_id=self.connection_id, signaling_channel=self.channel_name,
+            queue_limit=settings.SCOPE_MAX_QUEUE,
+        )
         self.reserved_session_id = str(session.pk)
         self.session_ids.append(self.reserved_session_id)
-        return True
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -111,6 +114,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         """Every session this socket created ends with it (CLIENT_DISCONNECT). Once."""
         self.ended = True
         liveness.socket_closed(self.connection_id)
+        liveness.holder_left(self.channel_name)
         await self._close_open_sessions(CloseReason.CLIENT_DISCONNECT, by)
 
     async def _close_open_sessions(self, reason: str, by: str) -> None:
@@ -125,24 +129,50 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         session_id = self.reserved_session_id
         if session_id is None or session_id not in self.session_ids:
             return
-        if await _db(services.session_place)(session_id=session_id):
-            if self.queued:
-                self.queued = False
-                await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
-            await self._send({"type": "ready", "connection_id": self.connection_id, "sessionId": session_id})
-            return
         if not self.queued:
+            # Joined before trying, so a slot given out right after the try is still heard of.
             self.queued = True
             await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
-            # A slot may have freed between the placement attempt and joining the group.
-            if await _db(services.session_place)(session_id=session_id):
-                return await self._offer_slot()
-        position = await _db(selectors.queue_position)(session_id=session_id)
-        await self._send({"type": "queued", "position": position})
+        if await _db(services.session_place)(session_id=session_id):
+            await self._slot_ready(session_id)
+        else:
+            await self._send_place()
+
+    async def _slot_ready(self, session_id: str) -> None:
+        self.queued = False
+        self._disarm(session_id, "place")
+        await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
+        self._arm(session_id, "offer", settings.SCOPE_OFFER_TIMEOUT_SECONDS, CloseReason.IDLE_TIMEOUT, "offer-timeout")
+        await self._send({"type": "ready", "connection_id": self.connection_id, "sessionId": session_id})
+
+    async def _send_place(self) -> None:
+        """Tell the client its place if it changed; ``ready`` if a slot came meanwhile (its notice lost or late)."""
+        session_id = self.reserved_session_id
+        if not self.queued or session_id is None:
+            return
+        place = await _db(selectors.queue_place)(session_id=session_id)
+        if place == 0:
+            await self._slot_ready(session_id)
+        elif place is not None and place != self.place_sent:
+            self.place_sent, self.place_sent_at = place, asyncio.get_running_loop().time()
+            await self._send({"type": "queued", "position": place})
+
+    async def session_placed(self, message: SessionPlaced) -> None:
+        if self.queued and message["session_id"] == self.reserved_session_id:
+            await self._slot_ready(message["session_id"])
 
     async def queue_changed(self, message: QueueChanged) -> None:
-        if self.queued:
-            await self._offer_slot()
+        """Places moved: look up this socket's own, at most once a second however often they move."""
+        session_id = self.reserved_session_id
+        if not self.queued or session_id is None or (session_id, "place") in self.timers:
+            return
+        due = self.place_sent_at + PLACE_UPDATE_INTERVAL_SECONDS - asyncio.get_running_loop().time()
+
+        def look_up() -> None:
+            self.timers.pop((session_id, "place"), None)
+            self._spawn(self._send_place())
+
+        self.timers[(session_id, "place")] = asyncio.get_running_loop().call_later(max(0.0, due), look_up)
 
     # --- client messages -----------------------------------------------------
 
@@ -155,10 +185,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         try:
             if text_data is None:
                 raise ScopeError(errors.INVALID_MESSAGE, "Messages must be JSON text frames.")
-            try:
-                message = json.loads(text_data)
-            except json.JSONDecodeError as exc:
-                raise ScopeError(errors.INVALID_MESSAGE, f"Not JSON: {exc.msg}.") from exc
+            message = parse_json_message(text_data)
             if not isinstance(message, dict):
                 raise ScopeError(errors.INVALID_MESSAGE, "A message must be a JSON object.")
             request_id = message.get("request_id")
@@ -209,6 +236,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if reserved in self.session_ids:
             if self.queued:
                 raise ScopeError(errors.NO_CAPACITY, "Still queued: wait for 'ready' before sending an offer.")
+            self._disarm(reserved, "offer")
             self.reserved_session_id = None
             return reserved
         if len(self.session_ids) >= settings.SCOPE_MAX_SESSIONS_PER_SOCKET:
@@ -258,14 +286,15 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     # --- timers ----------------------------------------------------------------
 
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     def _arm(self, session_id: str, name: str, delay: float, reason: str, cause: str) -> None:
         def fire() -> None:
             self.timers.pop((session_id, name), None)
-            task = asyncio.ensure_future(
-                _db(services.session_close)(session_id=session_id, reason=reason, by=f"socket:{cause}")
-            )
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._spawn(_db(services.session_close)(session_id=session_id, reason=reason, by=f"socket:{cause}"))
 
         self.timers[(session_id, name)] = asyncio.get_running_loop().call_later(max(0.0, delay), fire)
 
@@ -295,6 +324,11 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if not self.session_ids:
             await self.close(socket_close_code(CloseReason.SERVER_SHUTDOWN))
 
+    async def socket_revoked(self, message: SocketRevoked) -> None:
+        """Its user was deactivated: the account's sessions end as an operator's act would end them."""
+        await self._close_open_sessions(CloseReason.SESSION_TERMINATED, f"socket:{self.connection_id}:user-inactive")
+        await self.close(socket_close_code(CloseReason.SESSION_TERMINATED))
+
     async def session_ended(self, message: SessionEnded) -> None:
         session_id, reason = message["session_id"], message["reason"]
         if session_id not in self.session_ids:
@@ -303,14 +337,19 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if session_id == self.reserved_session_id and self.queued:
             self.queued = False
             await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
-        self._disarm(session_id, "negotiation")
-        self._disarm(session_id, "deadline")
+        for timer in ("negotiation", "deadline", "offer", "place"):
+            self._disarm(session_id, timer)
         await self._send_error(
             reason, close_message(reason, max_session_seconds=settings.SCOPE_MAX_SESSION_SECONDS), session_id=session_id
         )
         if keeps_socket(reason):
             # The client closed or lost only its peer: it may offer again on this socket.
-            if self.reserved_session_id not in self.session_ids and await self._reserve_session():
+            if self.reserved_session_id not in self.session_ids:
+                try:
+                    await self._reserve_session()
+                except ScopeError as exc:
+                    await self._send_error(exc.code, exc.message)
+                    return
                 await self._offer_slot()
             return
         code = socket_close_code(reason)

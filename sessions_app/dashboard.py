@@ -14,8 +14,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from . import errors, selectors
-from .messages import DASHBOARD_GROUP, DashboardSession, DashboardWorker
+from . import errors, liveness, selectors
+from .messages import DASHBOARD_GROUP, DashboardSession, DashboardWorker, SocketRevoked
 from .serializers import StreamSessionSerializer, WorkerSerializer
 
 CLOSE_UNAUTHORIZED = 4003
@@ -68,15 +68,22 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         # Joined before the snapshot is read, so no change falls between the two.
         await self.channel_layer.group_add(DASHBOARD_GROUP, self.channel_name)
         self.joined = True
+        liveness.holder_joined(self.channel_name, user_id=user.pk, staff_only=True)
         await self._send(await database_sync_to_async(_snapshot)())
 
     async def disconnect(self, code: int) -> None:
         if self.joined:
             await self.channel_layer.group_discard(DASHBOARD_GROUP, self.channel_name)
+            liveness.holder_left(self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # The dashboard only listens; its one action (terminate) goes through the REST API.
         await self._send({"type": "error", "code": errors.INVALID_MESSAGE, "error": "This socket takes no messages."})
+
+    async def socket_revoked(self, message: SocketRevoked) -> None:
+        """Its user lost staff or was deactivated since connecting."""
+        await self._send({"type": "error", "code": errors.UNAUTHORIZED, "error": "Staff only."})
+        await self.close(CLOSE_UNAUTHORIZED)
 
     async def dashboard_session(self, message: DashboardSession) -> None:
         update = await database_sync_to_async(_session_update)(message["session_id"])

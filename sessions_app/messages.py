@@ -59,6 +59,12 @@ class SignalingShutdown(TypedDict):
     type: Literal["signaling.shutdown"]
 
 
+class SocketRevoked(TypedDict):
+    """To one socket: its user was deactivated, or lost the staff its socket needs."""
+
+    type: Literal["socket.revoked"]
+
+
 class SessionEnded(TypedDict):
     type: Literal["session.ended"]
     session_id: str
@@ -66,7 +72,16 @@ class SessionEnded(TypedDict):
 
 
 class QueueChanged(TypedDict):
+    """To the queue group: places moved; each queued socket looks up its own."""
+
     type: Literal["queue.changed"]
+
+
+class SessionPlaced(TypedDict):
+    """To one socket: its queued session now holds a slot."""
+
+    type: Literal["session.placed"]
+    session_id: str
 
 
 class DashboardSession(TypedDict):

@@ -1,11 +1,15 @@
 """Reads. Nothing here writes."""
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, Q, QuerySet
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import errors
@@ -52,9 +56,12 @@ def _ids(queryset: QuerySet) -> list[str]:
     return [str(pk) for pk in queryset.values_list("pk", flat=True)]
 
 
-def heartbeat_cutoff() -> datetime:
-    """A worker or web process not heard from since this moment (three heartbeats ago) counts as silent."""
-    return timezone.now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
+def heartbeat_cutoff() -> CombinedExpression:
+    """A worker or web process not heard from since this moment (three heartbeats ago) counts as silent.
+
+    On the database's clock, as heartbeats are written: hosts' clocks may differ.
+    """
+    return Now() - timedelta(seconds=3 * settings.SCOPE_HEARTBEAT_SECONDS)
 
 
 def live_workers() -> QuerySet[Worker]:
@@ -62,7 +69,7 @@ def live_workers() -> QuerySet[Worker]:
     return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=heartbeat_cutoff())
 
 
-def silent_workers(*, silent_after: datetime) -> list[int]:
+def silent_workers(*, silent_after: CombinedExpression) -> list[int]:
     """Workers still counted on (active or draining) whose last heartbeat is older than ``silent_after``."""
     return list(
         Worker.objects.filter(
@@ -83,12 +90,38 @@ def session_pipeline(*, session_id: str) -> tuple[str, dict]:
     return pipeline, parameters
 
 
-def queue_position(*, session_id: str) -> int:
-    """1-based place among sessions waiting for a slot."""
-    session = StreamSession.objects.get(pk=session_id)
-    return StreamSession.objects.filter(
-        state=StreamSession.State.WAITING, worker__isnull=True, created_at__lte=session.created_at
-    ).count()
+def queued_sessions() -> QuerySet[StreamSession]:
+    """Sessions waiting for a slot, first come first served."""
+    return StreamSession.objects.filter(state=StreamSession.State.WAITING, worker__isnull=True).order_by(
+        "created_at", "pk"
+    )
+
+
+def queue_place(*, session_id: str) -> int | None:
+    """1-based place of a waiting session among those queued for a slot; 0 once it holds one; None if it ended."""
+    session = StreamSession.objects.filter(pk=session_id).values("state", "worker_id", "created_at").first()
+    if session is None or session["state"] != StreamSession.State.WAITING:
+        return None
+    if session["worker_id"] is not None:
+        return 0
+    return queued_sessions().filter(created_at__lte=session["created_at"]).count()
+
+
+def sockets_waiting() -> bool:
+    """Whether any socket waits: queued, or told ``ready`` and not yet offering."""
+    return StreamSession.objects.filter(state=StreamSession.State.WAITING).exclude(signaling_channel="").exists()
+
+
+def sessions_placed_without_offer(*, before: datetime) -> list[str]:
+    """Sessions holding a slot since before ``before`` whose client never sent its offer."""
+    return _ids(
+        StreamSession.objects.filter(
+            state=StreamSession.State.WAITING,
+            worker__isnull=False,
+            events__kind=SessionEvent.Kind.PLACED,
+            events__at__lt=before,
+        )
+    )
 
 
 def open_sessions_of_connection(*, connection_id: str) -> list[str]:
@@ -122,7 +155,7 @@ def open_sessions_of_worker(*, worker_id: int) -> list[StreamSession]:
     )
 
 
-def sessions_with_silent_signaling(*, silent_after: datetime) -> list[str]:
+def sessions_with_silent_signaling(*, silent_after: CombinedExpression) -> list[str]:
     """Open socket-signaled sessions whose web process has not vouched for their socket lately."""
     return _ids(
         StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES, signaling_seen_at__lt=silent_after)
@@ -156,6 +189,22 @@ def sessions_awaiting_cleanup() -> list[tuple[str, str]]:
     ]
 
 
-def closed_among(*, session_ids: list[str]) -> list[str]:
-    """Which of these sessions are closed."""
-    return _ids(StreamSession.objects.filter(pk__in=session_ids, state=StreamSession.State.CLOSED))
+@dataclass(frozen=True)
+class RevokedUsers:
+    inactive: set[int]  # deactivated or deleted
+    not_staff: set[int]  # no longer staff
+
+
+def users_no_longer_allowed(*, user_ids: set[int], staff_ids: set[int]) -> RevokedUsers:
+    """Which of these users may no longer stream (``user_ids``) or watch the dashboard (``staff_ids``)."""
+    users = dict(get_user_model().objects.filter(pk__in=user_ids | staff_ids, is_active=True).values_list("pk", "is_staff"))
+    return RevokedUsers(
+        inactive={pk for pk in user_ids | staff_ids if pk not in users},
+        not_staff={pk for pk in staff_ids if pk in users and not users[pk]},
+    )
+
+
+def close_reasons_among(*, session_ids: list[str]) -> dict[str, str]:
+    """Which of these sessions are closed, each with its close reason."""
+    closed = StreamSession.objects.filter(pk__in=session_ids, state=StreamSession.State.CLOSED)
+    return {str(pk): reason for pk, reason in closed.values_list("pk", "close_reason")}

@@ -15,6 +15,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import errors, selectors
@@ -30,9 +32,11 @@ from .messages import (
     PeerParameters,
     QueueChanged,
     SessionEnded,
+    SessionPlaced,
     session_group,
 )
 from .models import CloseReason, SessionEvent, StreamSession, Worker
+from .sdp import count_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +87,10 @@ def worker_register(*, channel_name: str, host: str, pid: int, device: str, capa
         pid=pid,
         device=device,
         capacity=capacity,
-        heartbeat_at=timezone.now(),
+        heartbeat_at=Now(),
     )
     _announce_worker(worker.pk)
+    _advance_queue()
     return worker
 
 
@@ -95,25 +100,42 @@ class FrameCounts:
     frames_out: int
 
 
+@dataclass(frozen=True)
+class HeartbeatReply:
+    # Sessions the worker holds a peer for that are already closed, with their reasons.
+    closed: dict[str, str]
+    # The worker had been declared gone (its sessions ended WORKER_LOST) and is placeable again.
+    returned: bool
+
+
 @transaction.atomic
 def worker_heartbeat(
     *, worker_id: int, peer_count: int, frames: dict[str, FrameCounts], asyncio_tasks: int = 0
-) -> list[str]:
+) -> HeartbeatReply:
     """Record that the worker is alive, what it holds (peers, event-loop tasks) and its sessions' frame counts.
 
-    Returns the sessions it holds a peer for that are already closed — say,
-    ended ``WORKER_LOST`` while it was cut off — so that it drops them: no
+    A worker declared gone that still beats was stalled, not dead (a long GC,
+    swap, a stopped process): it is active again at once, and drops every peer
+    it still holds, since those sessions were all ended ``WORKER_LOST``. No
     worker keeps a peer for a closed session.
     """
-    Worker.objects.filter(pk=worker_id).update(
-        heartbeat_at=timezone.now(), peer_count=peer_count, asyncio_tasks=asyncio_tasks
-    )
+    worker = Worker.objects.select_for_update().get(pk=worker_id)
+    returned = worker.state == Worker.State.GONE
+    if returned:
+        worker.state = Worker.State.ACTIVE
+        logger.warning("worker %s is back after being declared gone: placeable again", worker_id)
+    worker.heartbeat_at = Now()
+    worker.peer_count = peer_count
+    worker.asyncio_tasks = asyncio_tasks
+    worker.save(update_fields=["state", "heartbeat_at", "peer_count", "asyncio_tasks"])
     for session_id, counts in frames.items():
         StreamSession.objects.filter(pk=session_id, worker_id=worker_id).update(
             frames_in=counts.frames_in, frames_out=counts.frames_out
         )
     _announce_worker(worker_id)
-    return selectors.closed_among(session_ids=list(frames))
+    if returned:
+        _advance_queue()
+    return HeartbeatReply(closed=selectors.close_reasons_among(session_ids=list(frames)), returned=returned)
 
 
 @transaction.atomic
@@ -161,18 +183,25 @@ def worker_lost(*, worker_id: int, by: str) -> list[str]:
 
 @transaction.atomic
 def session_create(
-    *, owner: AbstractBaseUser | None, connection_id: str = "", signaling_channel: str = ""
+    *, owner: AbstractBaseUser | None, connection_id: str = "", signaling_channel: str = "",
+    queue_limit: int | None = None,
 ) -> StreamSession:
-    """A new ``waiting`` session; RATE_LIMITED if its owner already has their most open sessions."""
+    """A new ``waiting`` session.
+
+    RATE_LIMITED if its owner already has their most open sessions (a queued
+    one counts); NO_CAPACITY if ``queue_limit`` sessions already wait for a slot.
+    """
     if owner is not None and owner.is_authenticated:
         limit = settings.SCOPE_MAX_SESSIONS_PER_USER
         if StreamSession.objects.filter(owner=owner, state__in=StreamSession.OPEN_STATES).count() >= limit:
             raise ScopeError(errors.RATE_LIMITED, f"At most {limit} open sessions per user.")
+    if queue_limit is not None and selectors.queued_sessions().count() >= queue_limit:
+        raise ScopeError(errors.NO_CAPACITY, f"Every media worker is busy and {queue_limit} clients already wait.")
     session = StreamSession.objects.create(
         owner=owner if owner is not None and owner.is_authenticated else None,
         connection_id=connection_id,
         signaling_channel=signaling_channel,
-        signaling_seen_at=timezone.now() if signaling_channel else None,
+        signaling_seen_at=Now() if signaling_channel else None,
     )
     _record(session, SessionEvent.Kind.CREATED, connection_id=connection_id)
     _announce_session(session)
@@ -191,24 +220,52 @@ def session_place(*, session_id: str) -> bool:
         return True
     if session.state != StreamSession.State.WAITING:
         return False
-    ahead = StreamSession.objects.filter(
-        state=StreamSession.State.WAITING, worker__isnull=True, created_at__lt=session.created_at
-    )
-    if ahead.exists():
+    if selectors.queued_sessions().filter(created_at__lt=session.created_at).exists():
         return False
+    worker = _least_loaded_free_worker()
+    if worker is None:
+        return False
+    _assign(session, worker)
+    return True
+
+
+def _least_loaded_free_worker() -> Worker | None:
     candidates = []
     for worker in selectors.live_workers().select_for_update().order_by("id"):
         used = worker.sessions.exclude(state=StreamSession.State.CLOSED).count()
         if used < worker.capacity:
             candidates.append((used, worker.pk, worker))
-    if not candidates:
-        return False
-    _, _, worker = min(candidates, key=lambda item: item[:2])
+    return min(candidates, key=lambda item: item[:2])[2] if candidates else None
+
+
+def _assign(session: StreamSession, worker: Worker) -> None:
     session.worker = worker
     session.save(update_fields=["worker"])
     _record(session, SessionEvent.Kind.PLACED, worker=worker.pk)
     _announce_session(session)
-    return True
+
+
+def _advance_queue() -> list[str]:
+    """Give free slots to the sessions waiting longest; tell each one's socket, and the rest their new place.
+
+    Placement happens here, once, wherever a slot frees (a close, a new or
+    returning worker, the sweep), so queued sockets only listen: a freed slot
+    costs one transaction, not one per queued socket.
+    """
+    placed = []
+    for session in selectors.queued_sessions().select_for_update():
+        worker = _least_loaded_free_worker()
+        if worker is None:
+            break
+        _assign(session, worker)
+        placed.append(str(session.pk))
+        if session.signaling_channel:
+            notice: SessionPlaced = {"type": "session.placed", "session_id": str(session.pk)}
+            _send_after_commit(session.signaling_channel, notice)
+    if placed:
+        queue_changed: QueueChanged = {"type": "queue.changed"}
+        _group_send_after_commit(QUEUE_GROUP, queue_changed)
+    return placed
 
 
 @transaction.atomic
@@ -234,6 +291,7 @@ def session_offer(*, session_id: str, pipeline: str, parameters: dict[str, Any],
     session = _locked_session(session_id)
     if session.state != StreamSession.State.WAITING or session.worker_id is None:
         raise ScopeError(errors.INVALID_MESSAGE, f"Session {session_id} is {session.state}, not waiting for an offer.")
+    session_count_candidates(session_id=session_id, count=count_candidates(sdp))
     now = timezone.now()
     session.state = StreamSession.State.NEGOTIATING
     session.pipeline = pipeline
@@ -289,11 +347,44 @@ def _open_placed_session(session_id: str) -> StreamSession:
     return session
 
 
-def session_add_candidate(*, session_id: str, candidate: dict[str, Any] | None) -> None:
-    """Forward a trickled ICE candidate to the session's worker (None: end of candidates)."""
+@transaction.atomic
+def session_count_candidates(*, session_id: str, count: int) -> None:
+    """Count ``count`` more remote ICE candidates against the session's cap over its life.
+
+    RATE_LIMITED, counting none, if they would take it past
+    ``SCOPE_MAX_CANDIDATES_PER_SESSION``. Checked and counted in one UPDATE, so
+    requests racing on several web processes cannot pass the cap together.
+    """
+    if count == 0:
+        return
+    cap = settings.SCOPE_MAX_CANDIDATES_PER_SESSION
+    counted = StreamSession.objects.filter(pk=session_id, remote_candidates__lte=cap - count).update(
+        remote_candidates=F("remote_candidates") + count
+    )
+    if not counted:
+        if not StreamSession.objects.filter(pk=session_id).exists():
+            raise ScopeError(errors.UNKNOWN_SESSION, f"No session {session_id}.")
+        raise ScopeError(errors.RATE_LIMITED, f"At most {cap} ICE candidates per session, its offer's included.")
+
+
+@transaction.atomic
+def session_add_candidates(*, session_id: str, candidates: list[dict[str, Any] | None]) -> None:
+    """Forward trickled ICE candidates to the session's worker, all or none (None: end of candidates).
+
+    RATE_LIMITED, forwarding none, if they would take the session past its cap.
+    """
     session = _open_placed_session(session_id)
-    message: PeerCandidate = {"type": "peer.candidate", "session_id": str(session.pk), "candidate": candidate}
-    async_to_sync(get_channel_layer().send)(session.worker.channel_name, message)
+    # An empty candidate string is the browser's end-of-candidates mark, not a candidate.
+    named = sum(1 for candidate in candidates if candidate and candidate.get("candidate"))
+    session_count_candidates(session_id=str(session.pk), count=named)
+    for candidate in candidates:
+        message: PeerCandidate = {"type": "peer.candidate", "session_id": str(session.pk), "candidate": candidate}
+        _send_after_commit(session.worker.channel_name, message)
+
+
+def session_add_candidate(*, session_id: str, candidate: dict[str, Any] | None) -> None:
+    """One trickled ICE candidate (the socket's ``icecandidate``); see ``session_add_candidates``."""
+    session_add_candidates(session_id=session_id, candidates=[candidate])
 
 
 @transaction.atomic
@@ -369,7 +460,7 @@ def signaling_heartbeat(*, connection_ids: list[str]) -> int:
     """A web process vouches that these sockets are still connected; how many open sessions it touched."""
     return StreamSession.objects.filter(
         connection_id__in=connection_ids, state__in=StreamSession.OPEN_STATES
-    ).update(signaling_seen_at=timezone.now())
+    ).update(signaling_seen_at=Now())
 
 
 @dataclass(frozen=True)
@@ -437,10 +528,9 @@ def _finish_close(session: StreamSession) -> None:
     if session.signaling_channel and session.close_reason != CloseReason.CLIENT_DISCONNECT:
         _send_after_commit(session.signaling_channel, ended)
     _group_send_after_commit(session_group(str(session.pk)), ended)
-    if session.worker_id is not None:
-        queue_changed: QueueChanged = {"type": "queue.changed"}
-        _group_send_after_commit(QUEUE_GROUP, queue_changed)
     _announce_session(session)
+    if session.worker_id is not None:
+        _advance_queue()
 
 
 # --- the safety net ------------------------------------------------------------
@@ -451,6 +541,7 @@ class SweepResult:
     workers_lost: list[int]
     closed: dict[str, list[str]]  # reason → session ids this sweep ended
     resent: list[str]  # closing sessions whose worker was told again
+    placed: list[str]  # queued sessions given a slot that no message had announced
 
 
 def sweep() -> SweepResult:
@@ -459,6 +550,8 @@ def sweep() -> SweepResult:
     - workers silent for 3 heartbeats: gone, their sessions ``WORKER_LOST``;
     - sessions whose signaling socket's web process went silent: ``SIGNALING_LOST``;
     - sessions past their deadline: ``MAX_DURATION_EXCEEDED``;
+    - sessions holding a slot with no offer for ``SCOPE_OFFER_TIMEOUT_SECONDS``: ``IDLE_TIMEOUT``;
+    - the queue: free slots given out, waiting sockets told to look again;
     - sessions ``closing`` for longer than the close bound: the close re-sent
       (unless the teardown is done and only its files wait for a retry).
 
@@ -471,9 +564,11 @@ def sweep() -> SweepResult:
     for worker_id in lost_workers:
         ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
         closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
+    offer_due = timezone.now() - timedelta(seconds=settings.SCOPE_OFFER_TIMEOUT_SECONDS)
     for reason, sessions in (
         (CloseReason.SIGNALING_LOST, selectors.sessions_with_silent_signaling(silent_after=silent_after)),
         (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
+        (CloseReason.IDLE_TIMEOUT, selectors.sessions_placed_without_offer(before=offer_due)),
     ):
         for session_id in sessions:
             if _close_quietly(session_id, reason):
@@ -484,7 +579,17 @@ def sweep() -> SweepResult:
         # No Celery process retries with backoff in embedded mode: each sweep tries once more.
         for session_id, files_dir in selectors.sessions_awaiting_cleanup():
             _retry_cleanup_after_commit(session_id, files_dir)
-    return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent)
+    return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck())
+
+
+@transaction.atomic
+def queue_recheck() -> list[str]:
+    """Place what a lost message left waiting, and have every waiting socket look again (the sweep's part)."""
+    placed = _advance_queue()
+    if not placed and selectors.sockets_waiting():
+        queue_changed: QueueChanged = {"type": "queue.changed"}
+        _group_send_after_commit(QUEUE_GROUP, queue_changed)
+    return placed
 
 
 def _close_quietly(session_id: str, reason: str) -> bool:

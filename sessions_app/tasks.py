@@ -1,32 +1,35 @@
-"""Celery tasks: the safety-net sweep, and retrying a session's file cleanup.
+"""Celery tasks: the safety-net sweep, retrying a session's file cleanup, pruning old records.
 
-Scaled: Celery beat runs ``sweep`` every ``SCOPE_SWEEP_SECONDS``
-(``CELERY_BEAT_SCHEDULE``). Embedded: no Celery process exists, so
-``run_sweeper`` runs the same service on a timer inside the web process.
+Scaled: Celery beat runs ``sweep`` every ``SCOPE_SWEEP_SECONDS`` and
+``prune_sessions`` daily (``CELERY_BEAT_SCHEDULE``). Embedded: no Celery
+process exists, so ``run_sweeper`` runs both on a timer inside the web process.
 """
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from . import services
+from .db_lanes import liveness_db
+from .retention import retention_cutoff, sessions_prune
 from .session_files import remove_session_files
 
 logger = logging.getLogger(__name__)
 
 CLEANUP_BACKOFF_CAP_SECONDS = 60
+PRUNE_EVERY_SECONDS = 24 * 3600
 
 
 @shared_task(name="sessions_app.sweep", ignore_result=True)
 def sweep() -> dict[str, Any]:
     result = services.sweep()
-    if result.workers_lost or result.closed or result.resent:
+    if result.workers_lost or result.closed or result.resent or result.placed:
         logger.warning("sweep: %s", asdict(result))
     return asdict(result)
 
@@ -48,11 +51,26 @@ def retry_session_cleanup(self, *, session_id: str, files_dir: str) -> None:
     services.session_cleanup_done(session_id=session_id, files_removed=removed)
 
 
+@shared_task(name="sessions_app.prune_sessions", ignore_result=True)
+def prune_sessions() -> int:
+    """Delete sessions closed more than ``SCOPE_RETENTION_DAYS`` ago (0: keep them all)."""
+    if not settings.SCOPE_RETENTION_DAYS:
+        return 0
+    return sessions_prune(older_than=retention_cutoff(settings.SCOPE_RETENTION_DAYS))
+
+
 async def run_sweeper() -> None:
-    """Embedded mode's sweep timer; runs until cancelled by its owner."""
+    """Embedded mode's sweep timer, and its daily prune (the first soon after start); runs until cancelled."""
+    prune_at = time.monotonic()
     while True:
         await asyncio.sleep(settings.SCOPE_SWEEP_SECONDS)
         try:
-            await database_sync_to_async(sweep)()
+            await liveness_db(sweep)
         except Exception:
             logger.exception("sweep failed")
+        if time.monotonic() >= prune_at:
+            prune_at += PRUNE_EVERY_SECONDS
+            try:
+                await database_sync_to_async(prune_sessions)()
+            except Exception:
+                logger.exception("pruning old sessions failed")

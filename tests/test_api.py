@@ -84,6 +84,7 @@ def offered_session(owner) -> StreamSession:
         session_id=str(session.pk),
         pipeline="passthrough",
         parameters={},
+        ignored_parameters=[],
         sdp=OFFER_SDP,
         sdp_type="offer",
         reply_channel="test!reply",

@@ -18,7 +18,8 @@ def worker(capacity: int = 1):
 
 def offered(owner=None) -> StreamSession:
     session = services.session_create_placed(owner=owner)
-    return services.session_offer(session_id=str(session.pk), pipeline="invert", parameters={}, sdp="v=0",
+    return services.session_offer(session_id=str(session.pk), pipeline="invert", parameters={},
+                                  ignored_parameters=[], sdp="v=0",
                                   sdp_type="offer", reply_channel="test!reply")
 
 
@@ -139,9 +140,43 @@ def test_heartbeat_tells_a_worker_which_of_its_peers_are_for_closed_sessions() -
     services.session_close(session_id=str(ended.pk), reason="SESSION_TERMINATED", by="test")
     services.session_closed(session_id=str(ended.pk), steps=[])
     counts = services.FrameCounts(frames_in=1, frames_out=1)
-    stale = services.worker_heartbeat(worker_id=held.pk, peer_count=2, frames={str(kept.pk): counts,
+    reply = services.worker_heartbeat(worker_id=held.pk, peer_count=2, frames={str(kept.pk): counts,
                                                                                 str(ended.pk): counts})
-    assert stale == [str(ended.pk)]
+    assert reply == services.HeartbeatReply(closed={str(ended.pk): "SESSION_TERMINATED"}, returned=False)
+
+
+def test_a_worker_declared_gone_that_beats_again_is_placeable_again() -> None:
+    stalled = worker(capacity=1)
+    session = offered()
+    assert services.worker_lost(worker_id=stalled.pk, by="test") == [str(session.pk)]
+    with pytest.raises(services.ScopeError):
+        services.session_create_placed(owner=None)
+    reply = services.worker_heartbeat(worker_id=stalled.pk, peer_count=1,
+                                      frames={str(session.pk): services.FrameCounts(frames_in=9, frames_out=9)})
+    assert reply == services.HeartbeatReply(closed={str(session.pk): "WORKER_LOST"}, returned=True)
+    assert services.session_create_placed(owner=None).worker_id == stalled.pk
+
+
+def test_a_freed_slot_goes_to_the_longest_waiting_session_and_only_it() -> None:
+    worker(capacity=1)
+    holder = offered()
+    first, second = services.session_create(owner=None), services.session_create(owner=None)
+    assert not services.session_place(session_id=str(second.pk))  # not ahead of first
+    services.session_close(session_id=str(holder.pk), reason="SESSION_TERMINATED", by="test")
+    services.session_closed(session_id=str(holder.pk), steps=[])
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.worker_id is not None and second.worker_id is None
+
+
+def test_the_queue_refuses_past_its_cap() -> None:
+    worker(capacity=1)
+    offered()
+    services.session_create(owner=None, queue_limit=2)
+    services.session_create(owner=None, queue_limit=2)
+    with pytest.raises(services.ScopeError) as refused:
+        services.session_create(owner=None, queue_limit=2)
+    assert refused.value.code == "NO_CAPACITY"
 
 
 def test_a_user_has_at_most_their_share_of_open_sessions(settings) -> None:
