@@ -36,6 +36,7 @@ from sessions_app.db_lanes import liveness_db
 from sessions_app.errors import ScopeError
 from sessions_app.messages import (
     PeerCandidate,
+    PeerCleanup,
     PeerClose,
     PeerOffer,
     PeerParameters,
@@ -44,7 +45,7 @@ from sessions_app.messages import (
 )
 from sessions_app.models import CloseReason, SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
-from sessions_app.session_files import remove_session_files
+from sessions_app.session_files import remove_session_files, write_session_files
 
 from .ice import deny_remote_networks, enforce_ice_addresses
 from .jitter import release_frames_on_marker
@@ -55,6 +56,7 @@ from .tracks import PipelineTrack
 logger = logging.getLogger(__name__)
 
 PEER_CLOSE_TIMEOUT_SECONDS = 1.0
+CLEANUP_BACKOFF_CAP_SECONDS = 60.0
 # How long the peer's close waits for ``stream_stopped`` to leave on the data channel
 # (SCTP holds it back while earlier messages await their acknowledgement).
 STREAM_STOPPED_FLUSH_SECONDS = 0.25
@@ -110,7 +112,10 @@ class MediaWorker:
             "peer.candidate": self.peer_candidate,
             "peer.parameters": self.peer_parameters,
             "peer.close": self.peer_close,
+            "peer.cleanup": self.peer_cleanup,
         }
+        # Retries of session files this worker could not remove, by session.
+        self._cleanup_retries: dict[str, asyncio.Task] = {}
 
     @property
     def peer_count(self) -> int:
@@ -150,9 +155,10 @@ class MediaWorker:
         for session_id in list(self._peers):
             await self._close_for(session_id, CloseReason.SERVER_SHUTDOWN, "shutdown")
             await self._teardown(session_id, CloseReason.SERVER_SHUTDOWN)
-        for task in [*self._loops, *self._tasks]:
+        retries = list(self._cleanup_retries.values())
+        for task in [*self._loops, *self._tasks, *retries]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._tasks, *retries, return_exceptions=True)
         self._loops, self._tasks = [], set()
         if self.worker_id is not None:
             await _db(services.worker_retire, worker_id=self.worker_id)
@@ -302,9 +308,10 @@ class MediaWorker:
     @staticmethod
     def _write_session_files(peer: PeerSession, offer_sdp: str) -> None:
         """The session's scratch directory; deleted as part of the close."""
-        peer.files_dir.mkdir(parents=True, exist_ok=True)
-        (peer.files_dir / "offer.sdp").write_text(offer_sdp)
-        (peer.files_dir / "parameters.json").write_text(json.dumps({"pipeline": peer.pipeline, **peer.parameters}))
+        write_session_files(peer.files_dir, {
+            "offer.sdp": offer_sdp,
+            "parameters.json": json.dumps({"pipeline": peer.pipeline, **peer.parameters}),
+        })
 
     def _arm_deadline(self, session_id: str, deadline_at: datetime) -> None:
         """The worker enforces max duration itself: a timer, not a poll."""
@@ -408,8 +415,45 @@ class MediaWorker:
                 steps = await self._release(peer, reason)
                 frames = peer.frame_counts()
             await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
+        failed = next((step for step in steps if step.detail.get("failed")), None)
+        if failed is not None:
+            give_up_at = time.time() + settings.SCOPE_CLEANUP_GIVE_UP_SECONDS
+            self._retry_cleanup(session_id, failed.detail["files_dir"], give_up_at)
         self._session_locks.pop(session_id, None)
         await self._report()
+
+    # --- peer.cleanup: files that could not be removed at close -------------------
+
+    async def peer_cleanup(self, message: PeerCleanup) -> None:
+        """The sweep's reminder (this worker may have restarted since the cleanup failed)."""
+        self._retry_cleanup(message["session_id"], message["files_dir"], message["give_up_at"])
+
+    def _retry_cleanup(self, session_id: str, files_dir: str, give_up_at: float) -> None:
+        retry = self._cleanup_retries.get(session_id)
+        if retry is None or retry.done():
+            self._cleanup_retries[session_id] = asyncio.ensure_future(
+                self._remove_files_with_backoff(session_id, Path(files_dir), give_up_at)
+            )
+
+    async def _remove_files_with_backoff(self, session_id: str, files_dir: Path, give_up_at: float) -> None:
+        """Retry (1 s, doubling, capped at a minute) until the files go, then the session closes; give up loudly."""
+        delay = 1.0
+        try:
+            while True:
+                await asyncio.sleep(min(delay, max(0.0, give_up_at - time.time())))
+                try:
+                    removed = await asyncio.to_thread(remove_session_files, files_dir)
+                except OSError as exc:
+                    if time.time() >= give_up_at:
+                        await _db(services.session_cleanup_given_up, session_id=session_id, error=str(exc))
+                        return
+                    logger.warning("session %s: files still not removable: %s", session_id, exc)
+                    delay = min(CLEANUP_BACKOFF_CAP_SECONDS, delay * 2)
+                    continue
+                await _db(services.session_cleanup_done, session_id=session_id, files_removed=removed)
+                return
+        finally:
+            self._cleanup_retries.pop(session_id, None)
 
     async def _release(self, peer: PeerSession, reason: str) -> list[TeardownStep]:
         steps: list[TeardownStep] = []

@@ -37,6 +37,15 @@ class PeerClose(TypedDict):
     reason: str
 
 
+class PeerCleanup(TypedDict):
+    """To the worker on the host holding a closing session's files: retry removing them."""
+
+    type: Literal["peer.cleanup"]
+    session_id: str
+    files_dir: str
+    give_up_at: float  # POSIX time: past it, close the session with its files left behind
+
+
 class SignalingAnswer(TypedDict):
     type: Literal["signaling.answer"]
     session_id: str

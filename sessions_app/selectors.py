@@ -179,14 +179,30 @@ def sessions_closing_since(*, before: datetime) -> list[str]:
     )
 
 
-def sessions_awaiting_cleanup() -> list[tuple[str, str]]:
-    """Closing sessions whose files could not be removed: (id, directory) each."""
+@dataclass(frozen=True)
+class PendingCleanup:
+    session_id: str
+    files_dir: str
+    worker_id: int
+    host: str  # where the files are
+    closing_at: datetime
+
+
+def sessions_awaiting_cleanup() -> list[PendingCleanup]:
+    """Closing sessions whose files their worker could not remove yet."""
     return [
-        (str(session_id), detail["files_dir"])
-        for session_id, detail in _failed_cleanups()
+        PendingCleanup(str(session_id), detail["files_dir"], worker_id, host, closing_at)
+        for session_id, detail, worker_id, host, closing_at in _failed_cleanups()
         .filter(session__state=StreamSession.State.CLOSING)
-        .values_list("session_id", "detail")
+        .values_list("session_id", "detail", "session__worker_id", "session__worker__host", "session__closing_at")
     ]
+
+
+def live_worker_channel_on(*, host: str, preferred: int) -> str | None:
+    """The channel of a live worker on ``host``, ``preferred`` if it is one."""
+    workers = live_workers().filter(host=host).order_by("-pk")
+    own = workers.filter(pk=preferred).values_list("channel_name", flat=True).first()
+    return own or workers.values_list("channel_name", flat=True).first()
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .messages import (
     DashboardSession,
     DashboardWorker,
     PeerCandidate,
+    PeerCleanup,
     PeerClose,
     PeerOffer,
     PeerParameters,
@@ -479,9 +480,10 @@ def session_closed(
     """The worker tore a closing session down: record its steps; False if it was not closing.
 
     The session is closed and its slot freed, unless removing its files failed:
-    then it stays ``closing``, holding the slot, until a Celery task with
-    backoff removes them (``tasks.retry_session_cleanup``; the failed
-    ``cleaned_up`` step names the directory).
+    then it stays ``closing``, holding the slot, while the worker that holds
+    the files retries with backoff (``session_cleanup_done``,
+    ``session_cleanup_given_up``; the failed ``cleaned_up`` step names the
+    directory).
     """
     session = _locked_session(session_id)
     if session.state != StreamSession.State.CLOSING:
@@ -496,16 +498,7 @@ def session_closed(
         _finish_close(session)
     else:
         session.save(update_fields=["frames_in", "frames_out"])
-        _retry_cleanup_after_commit(str(session.pk), failed_cleanup.detail["files_dir"])
     return True
-
-
-def _retry_cleanup_after_commit(session_id: str, files_dir: str) -> None:
-    from .tasks import retry_session_cleanup  # the task calls back into these services
-
-    transaction.on_commit(
-        lambda: retry_session_cleanup.delay(session_id=session_id, files_dir=files_dir), robust=True
-    )
 
 
 @transaction.atomic
@@ -515,6 +508,19 @@ def session_cleanup_done(*, session_id: str, files_removed: int) -> bool:
     if session.state != StreamSession.State.CLOSING:
         return False
     _record(session, SessionEvent.Kind.CLEANED_UP, files_removed=files_removed, retried=True)
+    _finish_close(session)
+    return True
+
+
+@transaction.atomic
+def session_cleanup_given_up(*, session_id: str, error: str) -> bool:
+    """Files that could not be removed for ``SCOPE_CLEANUP_GIVE_UP_SECONDS``: close the session anyway, loudly."""
+    session = _locked_session(session_id)
+    if session.state != StreamSession.State.CLOSING:
+        return False
+    logger.error("session %s: gave up removing its files after %ss: %s", session_id,
+                 settings.SCOPE_CLEANUP_GIVE_UP_SECONDS, error)
+    _record(session, SessionEvent.Kind.CLEANED_UP, failed=error, gave_up=True)
     _finish_close(session)
     return True
 
@@ -575,10 +581,7 @@ def sweep() -> SweepResult:
                 closed.setdefault(reason, []).append(session_id)
     stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
     resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since) if session_resend_close(session_id=sid)]
-    if settings.CELERY_TASK_ALWAYS_EAGER:
-        # No Celery process retries with backoff in embedded mode: each sweep tries once more.
-        for session_id, files_dir in selectors.sessions_awaiting_cleanup():
-            _retry_cleanup_after_commit(session_id, files_dir)
+    _recheck_cleanups()
     return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck())
 
 
@@ -590,6 +593,22 @@ def queue_recheck() -> list[str]:
         queue_changed: QueueChanged = {"type": "queue.changed"}
         _group_send_after_commit(QUEUE_GROUP, queue_changed)
     return placed
+
+
+def _recheck_cleanups() -> None:
+    """Remind the worker holding each failed cleanup's files to retry (it may have restarted);
+    close the session anyway once past the give-up time with no worker left on that host."""
+    give_up_before = timezone.now() - timedelta(seconds=settings.SCOPE_CLEANUP_GIVE_UP_SECONDS)
+    for pending in selectors.sessions_awaiting_cleanup():
+        channel = selectors.live_worker_channel_on(host=pending.host, preferred=pending.worker_id)
+        if channel is not None:
+            message: PeerCleanup = {
+                "type": "peer.cleanup", "session_id": pending.session_id, "files_dir": pending.files_dir,
+                "give_up_at": (pending.closing_at + timedelta(seconds=settings.SCOPE_CLEANUP_GIVE_UP_SECONDS)).timestamp(),
+            }
+            async_to_sync(get_channel_layer().send)(channel, message)
+        elif pending.closing_at < give_up_before:
+            session_cleanup_given_up(session_id=pending.session_id, error=f"no worker left on {pending.host}")
 
 
 def _close_quietly(session_id: str, reason: str) -> bool:

@@ -1,4 +1,4 @@
-"""Celery tasks: the safety-net sweep, retrying a session's file cleanup, pruning old records.
+"""Celery tasks: the safety-net sweep and pruning old records.
 
 Scaled: Celery beat runs ``sweep`` every ``SCOPE_SWEEP_SECONDS`` and
 ``prune_sessions`` daily (``CELERY_BEAT_SCHEDULE``). Embedded: no Celery
@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from celery import shared_task
@@ -18,11 +17,9 @@ from django.conf import settings
 from . import services
 from .db_lanes import liveness_db
 from .retention import retention_cutoff, sessions_prune
-from .session_files import remove_session_files
 
 logger = logging.getLogger(__name__)
 
-CLEANUP_BACKOFF_CAP_SECONDS = 60
 PRUNE_EVERY_SECONDS = 24 * 3600
 
 
@@ -32,23 +29,6 @@ def sweep() -> dict[str, Any]:
     if result.workers_lost or result.closed or result.resent or result.placed:
         logger.warning("sweep: %s", asdict(result))
     return asdict(result)
-
-
-@shared_task(bind=True, name="sessions_app.retry_session_cleanup", ignore_result=True, max_retries=None)
-def retry_session_cleanup(self, *, session_id: str, files_dir: str) -> None:
-    """Remove a closing session's files that its worker could not; then the session closes.
-
-    Retries with exponential backoff (1 s doubling, capped at a minute) until it
-    succeeds; in embedded mode (eager) the sweep calls it again instead.
-    """
-    try:
-        removed = remove_session_files(Path(files_dir))
-    except OSError as exc:
-        logger.warning("cleanup of session %s still failing: %s", session_id, exc)
-        if self.request.is_eager:
-            return
-        raise self.retry(exc=exc, countdown=min(CLEANUP_BACKOFF_CAP_SECONDS, 2**self.request.retries)) from exc
-    services.session_cleanup_done(session_id=session_id, files_removed=removed)
 
 
 @shared_task(name="sessions_app.prune_sessions", ignore_result=True)
@@ -71,6 +51,6 @@ async def run_sweeper() -> None:
         if time.monotonic() >= prune_at:
             prune_at += PRUNE_EVERY_SECONDS
             try:
-                await database_sync_to_async(prune_sessions)()
+                await liveness_db(prune_sessions)
             except Exception:
                 logger.exception("pruning old sessions failed")

@@ -256,7 +256,7 @@ def set_immutable(path: Path, immutable: bool) -> None:
 
 @pytest.mark.parametrize("mode", ["embedded", "scaled"])
 async def test_files_that_cannot_be_removed_hold_the_slot_until_a_retry_removes_them(server_factory, mode) -> None:
-    """Embedded: each sweep retries. Scaled: a Celery task retries with backoff (1, 2, 4, 8 s…)."""
+    """The worker that holds the files retries with backoff (1, 2, 4, 8 s…), embedded and scaled alike."""
     server = server_factory(mode, workers=1, SCOPE_WORKER_CAPACITY=1, **FAST_NETS)
     async with ScopeClient() as client:
         peer = await connect_and_stream(client, server, "alice", pipeline="invert")
@@ -279,3 +279,21 @@ async def test_files_that_cannot_be_removed_hold_the_slot_until_a_retry_removes_
     assert record["events"][-2]["detail"] == {"files_removed": 2, "retried": True}
     assert not stuck.parent.exists()
     assert_nothing_left(server)
+
+
+async def test_files_that_stay_unremovable_are_given_up_loudly(server_factory) -> None:
+    server = server_factory("embedded", workers=1, SCOPE_WORKER_CAPACITY=1, SCOPE_CLEANUP_GIVE_UP_SECONDS=3,
+                            **FAST_NETS)
+    async with ScopeClient() as client:
+        peer = await connect_and_stream(client, server, "alice", pipeline="invert")
+        stuck = Path(server.env["SCOPE_SESSION_FILES_DIR"]) / peer.session_id / "offer.sdp"
+        set_immutable(stuck, True)
+        try:
+            await client.close_socket()
+            record = server.closed_session(peer.session_id, timeout=3 + 2 * SLACK)
+        finally:
+            set_immutable(stuck, False)
+    cleanups = [e["detail"] for e in record["events"] if e["kind"] == "cleaned_up"]
+    assert "failed" in cleanups[0] and cleanups[-1]["gave_up"] is True, cleanups
+    assert "gave up removing its files" in server.log_text()
+    assert server.workers()[0]["slots_used"] == 0
