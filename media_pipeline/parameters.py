@@ -6,7 +6,7 @@ from .pipelines import validate_parameters
 
 
 def apply_update(*, pipeline: str, parameters: dict[str, Any], update: Any) -> tuple[str, dict[str, Any]]:
-    """New (pipeline, parameters) after ``update``; raises ScopeError INVALID_MESSAGE.
+    """New (pipeline, parameters) after ``update``; raises ParameterError.
 
     An update naming the same pipeline (or none) keeps the parameters it does
     not mention; one naming another pipeline starts from that pipeline's defaults.

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sessions_app.errors import INVALID_MESSAGE, ScopeError
 
 logger = logging.getLogger(__name__)
 
@@ -219,12 +218,16 @@ def available_pipelines() -> dict[str, type[Pipeline]]:
         return dict(_registry())
 
 
-def _invalid(message: str) -> ScopeError:
-    return ScopeError(INVALID_MESSAGE, message)
+class ParameterError(ValueError):
+    """A client's pipeline choice or parameters that no pipeline here accepts; the message says why."""
+
+
+def _invalid(message: str) -> ParameterError:
+    return ParameterError(message)
 
 
 def _checked(spec: ParameterSpec, value: Any) -> Any:
-    """``value`` as the spec's kind, or ScopeError naming the parameter."""
+    """``value`` as the spec's kind, or ParameterError naming the parameter."""
     key = repr(spec.name)
     if spec.kind == "bool":
         if not isinstance(value, bool):
@@ -356,14 +359,19 @@ class FrameProcessor:
                 return out[0].permute(1, 2, 0).contiguous().cpu().numpy()
 
     def set_parameters(self, pipeline: str, parameters: dict[str, Any]) -> None:
-        """Switch to ``pipeline`` or, when it is the current one, update it in place."""
+        """Switch to ``pipeline`` or, when it is the current one, update it in place.
+
+        A new pipeline is built before the lock is taken: frames keep going
+        through the old one until the new one is ready.
+        """
         with self._lock:
-            current = self._open_pipeline()
             if pipeline == self._name:
-                current.update(**parameters)
-            else:
-                self._pipeline = self._build(pipeline, parameters)
-                self._name = pipeline
+                self._open_pipeline().update(**parameters)
+                return
+        built = self._build(pipeline, parameters)
+        with self._lock:
+            self._open_pipeline()
+            self._pipeline, self._name = built, pipeline
 
     def close(self) -> None:
         """Drop the pipeline and buffers; later calls to process() raise RuntimeError."""

@@ -1,37 +1,28 @@
-"""The media worker: owns aiortc peer connections and their pipelines.
+"""The media worker: the registry of its sessions' peers, their dispatch, and the services they report to.
 
 It listens on its own channel-layer channel for ``peer.*`` messages (one
 handler each) and reports every state change through ``sessions_app.services``.
-The same class runs inside the web process (embedded) and as
-``manage.py mediaworker`` (scaled).
+What one session holds — its aiortc peer, track, pipeline and files — and the
+close that releases it are ``peer.SessionPeer``'s. The same class runs inside
+the web process (embedded) and as ``manage.py mediaworker`` (scaled).
 """
 
 import asyncio
-import json
 import logging
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import torch
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
-from aiortc.sdp import candidate_from_sdp
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from sessions_app import errors, services
+from sessions_app import services
 from sessions_app.db_lanes import liveness_db
 from sessions_app.errors import ScopeError
 from sessions_app.messages import (
@@ -43,48 +34,19 @@ from sessions_app.messages import (
     SignalingAnswer,
     SignalingError,
 )
-from sessions_app.models import CloseReason, SessionEvent
-from sessions_app.services import FrameCounts, TeardownStep
-from sessions_app.session_files import remove_session_files, write_session_files
+from sessions_app.models import CloseReason
+from sessions_app.services import TeardownStep
+from sessions_app.session_files import remove_session_files
 
 from .ice import deny_remote_networks, enforce_ice_addresses
 from .jitter import release_frames_on_marker
-from .parameters import apply_update
-from .pipelines import FrameProcessor, pick_device
-from .tracks import PipelineTrack
+from .peer import PeerEvents, SessionPeer
+from .pipelines import pick_device
 
 logger = logging.getLogger(__name__)
 
-PEER_CLOSE_TIMEOUT_SECONDS = 1.0
 CLEANUP_BACKOFF_CAP_SECONDS = 60.0
-# How long the peer's close waits for ``stream_stopped`` to leave on the data channel
-# (SCTP holds it back while earlier messages await their acknowledgement).
-STREAM_STOPPED_FLUSH_SECONDS = 0.25
 DB_CALL_TIMEOUT_SECONDS = 10.0
-
-
-@dataclass
-class PeerSession:
-    """What the worker holds for one session."""
-
-    session_id: str
-    pc: RTCPeerConnection
-    processor: FrameProcessor
-    files_dir: Path
-    pipeline: str
-    parameters: dict[str, Any]
-    track: PipelineTrack | None = None
-    data_channel: RTCDataChannel | None = None
-    deadline_timer: asyncio.TimerHandle | None = None
-    closing: bool = False
-    # When inbound media last moved (loop clock), and the count it moved to.
-    media_seen_at: float = field(default_factory=time.monotonic)
-    media_frames_seen: int = 0
-
-    def frame_counts(self) -> FrameCounts:
-        if self.track is None:
-            return FrameCounts(frames_in=0, frames_out=0)
-        return FrameCounts(frames_in=self.track.frames_in, frames_out=self.track.frames_out)
 
 
 async def _db(func: Callable[..., Any], **kwargs: Any) -> Any:
@@ -101,7 +63,9 @@ class MediaWorker:
         self.channel_layer = get_channel_layer()
         self.channel_name = ""
         self.worker_id: int | None = None
-        self._peers: dict[str, PeerSession] = {}
+        self._peers: dict[str, SessionPeer] = {}
+        # Each session's max-duration timer: the worker enforces deadlines itself.
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._session_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
@@ -235,9 +199,15 @@ class MediaWorker:
 
     async def peer_offer(self, message: PeerOffer) -> None:
         session_id = message["session_id"]
+        peer = SessionPeer(
+            session_id=session_id, pipeline=message["pipeline"], parameters=message["parameters"],
+            device=self.device, frame_executor=self._pipeline_executor, events=self._events_for(session_id),
+        )
         async with self._lock(session_id):
+            self._peers[session_id] = peer
             try:
-                answer = await asyncio.wait_for(self._negotiate(message), settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
+                answer = await asyncio.wait_for(peer.open(sdp=message["sdp"], sdp_type=message["sdp_type"]),
+                                                settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
             except Exception as exc:
                 code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
                 if not isinstance(exc, ScopeError):
@@ -250,8 +220,7 @@ class MediaWorker:
                 await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
                           by=f"worker:{self.worker_id}:negotiation")
                 return
-            peer = self._peers.get(session_id)
-            if peer is None or peer.closing:
+            if peer.closing:
                 return  # closed while negotiating: its teardown is waiting for this lock
             response: SignalingAnswer = {
                 "type": "signaling.answer", "session_id": session_id, "sdp": answer.sdp, "sdp_type": answer.type,
@@ -265,61 +234,27 @@ class MediaWorker:
             if deadline_at is not None:
                 self._arm_deadline(session_id, deadline_at)
 
-    async def _negotiate(self, message: PeerOffer) -> RTCSessionDescription:
-        session_id = message["session_id"]
-        # Built on a thread of its own: the pipeline thread may be busy with other sessions' frames.
-        processor = await asyncio.to_thread(FrameProcessor, message["pipeline"], message["parameters"], self.device)
-        ice_servers = [RTCIceServer(**server) for server in settings.SCOPE_ICE_SERVERS]
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers))
-        files_dir = Path(settings.SCOPE_SESSION_FILES_DIR) / session_id
-        peer = PeerSession(session_id=session_id, pc=pc, processor=processor, files_dir=files_dir,
-                           pipeline=message["pipeline"], parameters=message["parameters"])
-        self._peers[session_id] = peer
-        await asyncio.to_thread(self._write_session_files, peer, message["sdp"])
+    def _events_for(self, session_id: str) -> PeerEvents:
+        async def parameters_applied(pipeline: str, parameters: dict[str, Any]) -> None:
+            try:
+                await _db(services.session_set_parameters, session_id=session_id, pipeline=pipeline,
+                          parameters=parameters, notify_worker=False)
+            except ScopeError:
+                pass  # the session is closing: nothing left to record
 
-        @pc.on("track")
-        def on_track(track) -> None:
-            if track.kind == "video" and peer.track is None:
-                peer.track = PipelineTrack(track, processor, self._pipeline_executor,
-                                           on_error=lambda exc: self._pipeline_failed(peer, exc))
-                pc.addTrack(peer.track)
-
-        @pc.on("datachannel")
-        def on_datachannel(channel: RTCDataChannel) -> None:
-            peer.data_channel = channel
-
-            @channel.on("message")
-            def on_message(data) -> None:
-                self._spawn(self._datachannel_parameters(peer, channel, data), f"datachannel-{session_id}")
-
-        @pc.on("connectionstatechange")
-        def on_connection_state() -> None:
-            self._spawn(self._connection_state_changed(peer, pc.connectionState), f"state-{session_id}")
-
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=message["sdp"], type=message["sdp_type"]))
-        except Exception as exc:
-            raise ScopeError(errors.INVALID_SDP, f"The offer could not be applied: {exc}") from exc
-        if peer.track is None:
-            raise ScopeError(errors.INVALID_SDP, "The offer sends no video.")
-        await pc.setLocalDescription(await pc.createAnswer())
-        return pc.localDescription
-
-    @staticmethod
-    def _write_session_files(peer: PeerSession, offer_sdp: str) -> None:
-        """The session's scratch directory; deleted as part of the close."""
-        write_session_files(peer.files_dir, {
-            "offer.sdp": offer_sdp,
-            "parameters.json": json.dumps({"pipeline": peer.pipeline, **peer.parameters}),
-        })
+        return PeerEvents(
+            connection_state=lambda state: self._spawn(self._connection_state_changed(session_id, state),
+                                                       f"state-{session_id}"),
+            pipeline_failed=lambda exc: self._pipeline_failed(session_id, exc),
+            parameters_applied=parameters_applied,
+        )
 
     def _arm_deadline(self, session_id: str, deadline_at: datetime) -> None:
         """The worker enforces max duration itself: a timer, not a poll."""
-        peer = self._peers.get(session_id)
-        if peer is None:
+        if session_id not in self._peers:
             return
         delay = max(0.0, (deadline_at - timezone.now()).total_seconds())
-        peer.deadline_timer = asyncio.get_running_loop().call_later(
+        self._deadlines[session_id] = asyncio.get_running_loop().call_later(
             delay, lambda: self._spawn(self._close_for(session_id, CloseReason.MAX_DURATION_EXCEEDED, "deadline"),
                                        f"deadline-{session_id}")
         )
@@ -327,75 +262,37 @@ class MediaWorker:
     async def _close_for(self, session_id: str, reason: str, cause: str) -> None:
         await _db(services.session_close, session_id=session_id, reason=reason, by=f"worker:{self.worker_id}:{cause}")
 
-    def _pipeline_failed(self, peer: PeerSession, exc: BaseException) -> None:
-        logger.error("session %s: pipeline %s failed", peer.session_id, peer.pipeline, exc_info=exc)
-        self._spawn(self._close_for(peer.session_id, CloseReason.ERROR, "pipeline"), f"error-{peer.session_id}")
+    def _pipeline_failed(self, session_id: str, exc: BaseException) -> None:
+        peer = self._peers.get(session_id)
+        logger.error("session %s: pipeline %s failed", session_id, peer.pipeline if peer else "?", exc_info=exc)
+        self._spawn(self._close_for(session_id, CloseReason.ERROR, "pipeline"), f"error-{session_id}")
 
-    async def _connection_state_changed(self, peer: PeerSession, state: str) -> None:
-        if peer.closing:
+    async def _connection_state_changed(self, session_id: str, state: str) -> None:
+        peer = self._peers.get(session_id)
+        if peer is None or peer.closing:
             return
         if state == "connected":
-            await _db(services.session_live, session_id=peer.session_id)
+            await _db(services.session_live, session_id=session_id)
         elif state == "closed":
             # Not closed by us (peer.closing is unset): the client's DTLS close, as Scope's Stop does.
-            await self._close_for(peer.session_id, CloseReason.PEER_CLOSED, "peer-closed")
+            await self._close_for(session_id, CloseReason.PEER_CLOSED, "peer-closed")
         elif state == "failed":
-            await self._close_for(peer.session_id, CloseReason.PEER_FAILED, "peer-failed")
+            await self._close_for(session_id, CloseReason.PEER_FAILED, "peer-failed")
 
     # --- peer.candidate / peer.parameters ------------------------------------
 
     async def peer_candidate(self, message: PeerCandidate) -> None:
         async with self._lock(message["session_id"]):
             peer = self._peers.get(message["session_id"])
-            if peer is None or peer.closing:
-                return
-            raw = message["candidate"]
-            if raw is None or not raw.get("candidate"):
-                await peer.pc.addIceCandidate(None)
-                return
-            try:
-                candidate = candidate_from_sdp(raw["candidate"].removeprefix("candidate:"))
-                candidate.sdpMid = raw.get("sdpMid")
-                candidate.sdpMLineIndex = raw.get("sdpMLineIndex")
-                if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
-                    candidate.sdpMLineIndex = 0
-                await peer.pc.addIceCandidate(candidate)
-            except (AssertionError, ValueError, IndexError) as exc:
-                logger.info("session %s: ignored a malformed ICE candidate: %s", peer.session_id, exc)
+            if peer is not None:
+                await peer.add_candidate(message["candidate"])
 
     async def peer_parameters(self, message: PeerParameters) -> None:
         peer = self._peers.get(message["session_id"])
         if peer is None or peer.closing:
             return
-        params = dict(message["parameters"])
-        await self._apply_parameters(peer, params.pop("pipeline", peer.pipeline), params)
-
-    async def _apply_parameters(self, peer: PeerSession, pipeline: str, parameters: dict[str, Any]) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self._pipeline_executor, peer.processor.set_parameters, pipeline, parameters
-        )
-        peer.pipeline, peer.parameters = pipeline, parameters
-
-    async def _datachannel_parameters(self, peer: PeerSession, channel, data: Any) -> None:
-        try:
-            update = json.loads(data) if isinstance(data, str) else None
-            if not isinstance(update, dict):
-                raise ScopeError(errors.INVALID_MESSAGE, "Parameters must be a JSON object.")
-            update.pop("type", None)
-            pipeline, parameters = apply_update(pipeline=peer.pipeline, parameters=peer.parameters, update=update)
-        except (ScopeError, json.JSONDecodeError) as exc:
-            code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else (errors.INVALID_MESSAGE, str(exc))
-            if channel.readyState == "open":
-                channel.send(json.dumps({"type": "error", "code": code, "error": text}))
-            return
-        await self._apply_parameters(peer, pipeline, parameters)
-        if channel.readyState == "open":
-            channel.send(json.dumps({"type": "parameters_ack", "pipeline": pipeline, **parameters}))
-        try:
-            await _db(services.session_set_parameters, session_id=peer.session_id, pipeline=pipeline,
-                      parameters=parameters, notify_worker=False)
-        except ScopeError:
-            pass  # the session is closing: nothing left to record
+        parameters = dict(message["parameters"])
+        await peer.apply_parameters(parameters.pop("pipeline", peer.pipeline), parameters)
 
     # --- peer.close --------------------------------------------------------
 
@@ -403,16 +300,19 @@ class MediaWorker:
         await self._teardown(message["session_id"], message["reason"])
 
     async def _teardown(self, session_id: str, reason: str) -> None:
-        """Tell the client why, stop tracks, close the peer, stop the pipeline, delete files, mark closed."""
+        """Release the session's peer (once, whoever asks), record the steps, retry files that stayed."""
         peer = self._peers.get(session_id)
         if peer is not None:
             peer.closing = True  # before the lock: a pending negotiation must not answer
+        deadline = self._deadlines.pop(session_id, None)
+        if deadline is not None:
+            deadline.cancel()
         async with self._lock(session_id):
             peer = self._peers.pop(session_id, None)
             steps: list[TeardownStep] = []
             frames = None
             if peer is not None:
-                steps = await self._release(peer, reason)
+                steps = await peer.close(reason)
                 frames = peer.frame_counts()
             await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
         failed = next((step for step in steps if step.detail.get("failed")), None)
@@ -454,50 +354,3 @@ class MediaWorker:
                 return
         finally:
             self._cleanup_retries.pop(session_id, None)
-
-    async def _release(self, peer: PeerSession, reason: str) -> list[TeardownStep]:
-        steps: list[TeardownStep] = []
-        peer.closing = True
-        if peer.deadline_timer is not None:
-            peer.deadline_timer.cancel()
-        await self._send_stream_stopped(peer, reason)
-        if peer.track is not None:
-            peer.track.stop()
-        try:
-            await asyncio.wait_for(peer.pc.close(), PEER_CLOSE_TIMEOUT_SECONDS)
-            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now()))
-        except asyncio.TimeoutError:
-            logger.warning("session %s: peer did not close within %ss", peer.session_id, PEER_CLOSE_TIMEOUT_SECONDS)
-            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), {"timed_out": True}))
-        freed = await asyncio.get_running_loop().run_in_executor(self._pipeline_executor, self._stop_pipeline, peer)
-        steps.append(TeardownStep(SessionEvent.Kind.PIPELINE_STOPPED, timezone.now(), freed))
-        try:
-            removed = await asyncio.to_thread(remove_session_files, peer.files_dir)
-            steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(), {"files_removed": removed}))
-        except OSError as exc:
-            # The peer and pipeline are gone; the files wait for a retry (see services.session_closed).
-            logger.warning("session %s: could not remove %s: %s", peer.session_id, peer.files_dir, exc)
-            steps.append(TeardownStep(SessionEvent.Kind.CLEANED_UP, timezone.now(),
-                                      {"failed": str(exc), "files_dir": str(peer.files_dir)}))
-        return steps
-
-    @staticmethod
-    async def _send_stream_stopped(peer: PeerSession, reason: str) -> None:
-        """Scope's clients learn that the server ended a stream from this data-channel message, not the socket."""
-        channel = peer.data_channel
-        if channel is None or channel.readyState != "open":
-            return
-        words = errors.close_message(reason, max_session_seconds=settings.SCOPE_MAX_SESSION_SECONDS)
-        channel.send(json.dumps({"type": "stream_stopped", "reason": reason, "error_message": words}))
-        # Closing the peer aborts SCTP and drops what is still queued: let the message leave first.
-        flush_by = time.monotonic() + STREAM_STOPPED_FLUSH_SECONDS
-        while channel.bufferedAmount > 0 and time.monotonic() < flush_by:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0)
-
-    def _stop_pipeline(self, peer: PeerSession) -> dict[str, Any]:
-        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        peer.processor.close()
-        if self.device.type != "cuda":
-            return {"device": str(self.device)}
-        return {"device": str(self.device), "gpu_bytes_freed": before - torch.cuda.memory_allocated(self.device)}

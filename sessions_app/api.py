@@ -83,10 +83,13 @@ class PipelinesView(APIView):
 @extend_schema_view(
     create=extend_schema(
         request=OfferInputSerializer,
-        responses={200: AnswerSerializer, 400: ERROR, 401: ERROR, 502: ERROR, 503: ERROR, 504: ERROR},
+        responses={200: AnswerSerializer, 400: ERROR, 401: ERROR, 413: ERROR, 429: ERROR, 502: ERROR, 503: ERROR,
+                   504: ERROR},
     ),
     partial_update=extend_schema(
-        parameters=[SESSION_ID], request=CandidatesInputSerializer, responses={204: None, 400: ERROR, 404: ERROR}
+        parameters=[SESSION_ID],
+        request=CandidatesInputSerializer,
+        responses={204: None, 400: ERROR, 404: ERROR, 413: ERROR, 429: ERROR},
     ),
     destroy=extend_schema(
         parameters=[SESSION_ID],
@@ -148,8 +151,8 @@ class OfferViewSet(viewsets.ViewSet):
         session = selectors.session_for_streamer(session_id=pk, user=request.user)
         body = CandidatesInputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        for candidate in body.validated_data["candidates"]:
-            services.session_add_candidate(session_id=str(session.pk), candidate=candidate)
+        # All or none: a request that would pass the session's cap is refused whole (429).
+        services.session_add_candidates(session_id=str(session.pk), candidates=body.validated_data["candidates"])
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def destroy(self, request: Request, pk: str) -> Response:

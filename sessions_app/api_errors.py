@@ -9,6 +9,8 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from media_pipeline.pipelines import ParameterError
+
 from . import errors
 from .errors import ScopeError
 
@@ -67,6 +69,8 @@ def _api_exception_code(exc: exceptions.APIException) -> str:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    if isinstance(exc, ParameterError):
+        return _error(errors.INVALID_MESSAGE, str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ScopeError):
         status_code = getattr(exc, "status_code", None) or STATUS_BY_CODE.get(exc.code, UPSTREAM_FAILURE_STATUS)
         return _error(exc.code, exc.message, status_code)

@@ -18,6 +18,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from media_pipeline.parameters import apply_update
+from media_pipeline.pipelines import ParameterError, ignored_parameters, validate_parameters
+
 from . import errors, limits, liveness, selectors, services
 from .errors import ScopeError, close_message, keeps_socket, socket_close_code
 from .json_limits import parse_json_message
@@ -196,6 +199,8 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await handler(message, request_id)
         except ScopeError as exc:
             await self._send_error(exc.code, exc.message, request_id=request_id)
+        except ParameterError as exc:
+            await self._send_error(errors.INVALID_MESSAGE, str(exc), request_id=request_id)
 
     async def handle_ping(self, message: dict[str, Any], request_id: Any) -> None:
         await self._send({"type": "pong"}, request_id)
@@ -213,8 +218,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         )
 
     async def handle_offer(self, message: dict[str, Any], request_id: Any) -> None:
-        from media_pipeline.pipelines import ignored_parameters, validate_parameters
-
         sdp = validate_offer(message.get("sdp"), message.get("sdp_type", "offer"))
         initial = message.get("initialParameters")
         pipeline, parameters = validate_parameters(initial, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE)
@@ -260,8 +263,6 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         await self._send({"type": "icecandidate_ack", "status": status, "sessionId": session_id}, request_id)
 
     async def handle_parameters(self, message: dict[str, Any], request_id: Any) -> None:
-        from media_pipeline.parameters import apply_update
-
         session_id = self._own_session(message)
         update = {k: v for k, v in message.items() if k not in ("type", "request_id", "sessionId")}
         current_pipeline, current_parameters = await _db(selectors.session_pipeline)(session_id=session_id)

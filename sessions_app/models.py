@@ -72,6 +72,8 @@ class StreamSession(models.Model):
     signaling_seen_at = models.DateTimeField(null=True, blank=True)
     frames_in = models.PositiveBigIntegerField(default=0)
     frames_out = models.PositiveBigIntegerField(default=0)
+    # Remote ICE candidates named so far, the offer's included: capped per session.
+    remote_candidates = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]
