@@ -76,6 +76,9 @@ class SessionPeer:
         # Parameter updates coalesce: the latest wanted one waits while another is applied.
         self._wanted_parameters: tuple[str, dict[str, Any]] | None = None
         self._applying = False
+        # Recording them coalesces the same way: one write in flight, then the state as it is by then.
+        self._record_wanted = False
+        self._recording = False
         self._close_task: asyncio.Task[list[TeardownStep]] | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -179,8 +182,20 @@ class SessionPeer:
             self._send(channel, {"type": "error", "code": errors.INVALID_MESSAGE, "error": str(exc)})
             return
         self._send(channel, {"type": "parameters_ack", "pipeline": pipeline, **parameters})
-        if await self.apply_parameters(pipeline, parameters) and not self.closing:
-            await self._events.parameters_applied(self.pipeline, self.parameters)
+        if await self.apply_parameters(pipeline, parameters):
+            await self._record_parameters()
+
+    async def _record_parameters(self) -> None:
+        self._record_wanted = True
+        if self._recording:
+            return
+        self._recording = True
+        try:
+            while self._record_wanted and not self.closing:
+                self._record_wanted = False
+                await self._events.parameters_applied(self.pipeline, self.parameters)
+        finally:
+            self._recording = False
 
     @staticmethod
     def _send(channel: RTCDataChannel, message: dict[str, Any]) -> None:
