@@ -42,7 +42,8 @@ CLOSE_RULES: Final[dict[str, CloseRule]] = {
     "WORKER_LOST": CloseRule(4011, "Lost connection to the media server."),
     "SERVER_SHUTDOWN": CloseRule(4012, "The server is restarting; start again in a moment."),
     "IDLE_TIMEOUT": CloseRule(4013, "No video arrived from your camera for too long."),
-    "SIGNALING_LOST": CloseRule(None, "Lost connection to the server."),
+    # Its web process stalled past the bound and came back: the client should connect again (1012, restart).
+    "SIGNALING_LOST": CloseRule(1012, "Lost connection to the server."),
     "ERROR": CloseRule(4500, "Something went wrong on the server, so the session was ended."),
 }
 

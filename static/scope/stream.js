@@ -28,6 +28,8 @@
     4012: "The server is restarting; start again in a moment.",
     4013: "No video arrived from your camera for too long.",
     4500: "Something went wrong on the server, so the session was ended.",
+    4503: "Too many people are waiting for the server; try again later.",
+    1012: "Lost connection to the server.",
   };
 
   const $ = (id) => document.getElementById(id);
