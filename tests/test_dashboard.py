@@ -12,7 +12,7 @@ from django.test import Client
 
 from sessions_app import services
 from sessions_app.dashboard import DashboardConsumer
-from sessions_app.errors import close_message
+from sessions_app.errors import CLOSE_RULES, close_message
 from sessions_app.models import CloseReason
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("empty_channel_layer")]
@@ -190,3 +190,14 @@ async def test_dashboard_socket_takes_no_messages(staff):
     message = await communicator.receive_json_from(timeout=5)
     assert message["type"] == "error" and message["code"] == "INVALID_MESSAGE"
     await communicator.disconnect()
+
+
+def test_every_close_reason_has_its_socket_code_and_words() -> None:
+    assert set(CLOSE_RULES) == set(CloseReason.values)
+    for reason, rule in CLOSE_RULES.items():
+        assert rule.message and rule.message != reason
+        # A reason either keeps the socket, closes it with its code, or finds it already gone.
+        assert not (rule.keeps_socket and rule.socket_code is not None), reason
+    assert {r for r, rule in CLOSE_RULES.items() if rule.socket_code is None and not rule.keeps_socket} == {
+        "CLIENT_DISCONNECT"
+    }
