@@ -38,8 +38,6 @@ from sessions_app.models import CloseReason
 from sessions_app.services import TeardownStep
 from sessions_app.session_files import remove_session_files
 
-from .ice import deny_remote_networks, enforce_ice_addresses
-from .jitter import release_frames_on_marker
 from .peer import PeerEvents, SessionPeer
 from .pipelines import pick_device
 
@@ -88,10 +86,6 @@ class MediaWorker:
     # --- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        enforce_ice_addresses(settings.SCOPE_ICE_ENFORCE_LIST)
-        deny_remote_networks(settings.SCOPE_ICE_DENY_LIST)
-        if settings.SCOPE_RELEASE_ON_MARKER:
-            release_frames_on_marker()
         self.channel_name = await self.channel_layer.new_channel("mediaworker.")
         worker = await _db(
             services.worker_register,

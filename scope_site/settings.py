@@ -196,11 +196,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # DRF's defaults, with JSON nesting bounded (sessions_app/json_limits.py).
-    "DEFAULT_PARSER_CLASSES": [
-        "sessions_app.parsers.BoundedJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # The API speaks JSON only: a form or multipart body is 415, never half-parsed.
+    "DEFAULT_PARSER_CLASSES": ["sessions_app.parsers.BoundedJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sessions_app.api_errors.exception_handler",
@@ -230,6 +227,9 @@ CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = SCOPE_EMBEDDED
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Never give up on Redis: the worker retries it every second (scope_site/celery.py), so
+# Celery's default of 100 tries would end the safety net after a two-minute outage.
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 
 LOGGING = {
     "version": 1,

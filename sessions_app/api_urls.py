@@ -4,7 +4,7 @@ from django.urls import re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from . import api
+from . import api, scope_compat
 
 
 class OptionalSlashRouter(SimpleRouter):
@@ -22,6 +22,14 @@ router.register("workers", api.WorkerViewSet, basename="worker")
 urlpatterns = [
     re_path(r"^webrtc/ice-servers/?$", api.IceServersView.as_view(), name="webrtc-ice-servers"),
     re_path(r"^pipelines/?$", api.PipelinesView.as_view(), name="pipelines"),
+    # Daydream Scope's UI routes, in Scope's shapes (docs/scope-compat.md).
+    re_path(r"^pipeline/status/?$", scope_compat.PipelineStatusView.as_view(), name="scope-pipeline-status"),
+    re_path(r"^pipeline/load/?$", scope_compat.PipelineLoadView.as_view(), name="scope-pipeline-load"),
+    re_path(r"^pipelines/schemas/?$", scope_compat.PipelineSchemasView.as_view(), name="scope-pipeline-schemas"),
+    re_path(r"^models/status/?$", scope_compat.ModelStatusView.as_view(), name="scope-model-status"),
+    re_path(r"^hardware/info/?$", scope_compat.HardwareInfoView.as_view(), name="scope-hardware-info"),
+    re_path(r"^input-sources/?$", scope_compat.InputSourcesView.as_view(), name="scope-input-sources"),
+    re_path(r"^cloud/status/?$", scope_compat.CloudStatusView.as_view(), name="scope-cloud-status"),
     re_path(r"^schema/?$", SpectacularAPIView.as_view(), name="schema"),
     re_path(r"^schema/ui/?$", SpectacularSwaggerView.as_view(url_name="schema"), name="schema-ui"),
     *router.urls,

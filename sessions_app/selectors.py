@@ -168,7 +168,10 @@ def sessions_past_deadline() -> list[str]:
 
 
 def _failed_cleanups() -> QuerySet[SessionEvent]:
-    return SessionEvent.objects.filter(kind=SessionEvent.Kind.CLEANED_UP, detail__has_key="failed")
+    """Failed cleanups of sessions still closing: only those sessions' events are read, not the whole table."""
+    return SessionEvent.objects.filter(
+        session__state=StreamSession.State.CLOSING, kind=SessionEvent.Kind.CLEANED_UP, detail__has_key="failed"
+    )
 
 
 def sessions_closing_since(*, before: datetime) -> list[str]:
@@ -192,9 +195,7 @@ def sessions_awaiting_cleanup() -> list[PendingCleanup]:
     """Closing sessions whose files their worker could not remove yet."""
     return [
         PendingCleanup(str(session_id), detail["files_dir"], worker_id, host, closing_at)
-        for session_id, detail, worker_id, host, closing_at in _failed_cleanups()
-        .filter(session__state=StreamSession.State.CLOSING)
-        .values_list("session_id", "detail", "session__worker_id", "session__worker__host", "session__closing_at")
+        for session_id, detail, worker_id, host, closing_at in _failed_cleanups().values_list("session_id", "detail", "session__worker_id", "session__worker__host", "session__closing_at")
     ]
 
 
@@ -224,3 +225,12 @@ def close_reasons_among(*, session_ids: list[str]) -> dict[str, str]:
     """Which of these sessions are closed, each with its close reason."""
     closed = StreamSession.objects.filter(pk__in=session_ids, state=StreamSession.State.CLOSED)
     return {str(pk): reason for pk, reason in closed.values_list("pk", "close_reason")}
+
+
+def retention_cutoff(days: float) -> datetime:
+    return timezone.now() - timedelta(days=days)
+
+
+def sessions_closed_before(older_than: datetime) -> QuerySet[StreamSession]:
+    """Closed sessions that closed before ``older_than``; open and closing ones never."""
+    return StreamSession.objects.filter(state=StreamSession.State.CLOSED, closed_at__lt=older_than)

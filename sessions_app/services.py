@@ -617,3 +617,23 @@ def _close_quietly(session_id: str, reason: str) -> bool:
     except Exception:
         logger.exception("sweep could not close session %s (%s)", session_id, reason)
         return False
+
+
+# --- retention -------------------------------------------------------------------
+
+# Deleted a batch per transaction, so a large backlog never holds the database
+# (SQLite's one write lock above all) long enough to delay heartbeats.
+PRUNE_BATCH_SIZE = 500
+
+
+def sessions_prune(*, older_than: datetime) -> int:
+    """Delete the sessions closed before ``older_than`` and their events (a cascade); how many sessions."""
+    deleted = 0
+    oldest_first = selectors.sessions_closed_before(older_than).order_by("closed_at").values_list("pk", flat=True)
+    while batch := list(oldest_first[:PRUNE_BATCH_SIZE]):
+        with transaction.atomic():
+            _, per_model = StreamSession.objects.filter(pk__in=batch).delete()
+        deleted += per_model.get(StreamSession._meta.label, 0)
+    if deleted:
+        logger.info("pruned %d sessions closed before %s", deleted, older_than.isoformat())
+    return deleted

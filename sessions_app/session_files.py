@@ -17,7 +17,7 @@ def write_session_files(files_dir: Path, files: dict[str, str]) -> None:
     files_dir.chmod(0o700)
     for name, text in files.items():
         descriptor = os.open(files_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(descriptor, "w") as file:
+        with os.fdopen(descriptor, "w", newline="") as file:  # an SDP's CRLFs kept as they are
             os.fchmod(descriptor, 0o600)
             file.write(text)
 

@@ -102,7 +102,7 @@ def test_pages(users, client, caller, path, expected):
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize(("path", "expected"), SOCKET_MATRIX, ids=[p for p, _ in SOCKET_MATRIX])
 async def test_sockets(users, caller, path, expected):
-    headers = [(b"origin", b"http://127.0.0.1")]
+    headers = [(b"host", b"127.0.0.1"), (b"origin", b"http://127.0.0.1")]
     token = await _token(caller, users)
     if token is not None:
         headers.append((b"authorization", f"Token {token}".encode()))
@@ -125,7 +125,8 @@ async def _token(caller: str, users) -> str | None:
 async def test_socket_from_a_foreign_origin_is_refused(users):
     token = await _token("alice", users)
     communicator = WebsocketCommunicator(
-        router, "/ws/webrtc/", headers=[(b"origin", b"http://evil.example"), (b"authorization", f"Token {token}".encode())]
+        router, "/ws/webrtc/",
+        headers=[(b"host", b"127.0.0.1"), (b"origin", b"http://evil.example"), (b"authorization", f"Token {token}".encode())],
     )
     connected, _ = await communicator.connect()
     assert not connected
@@ -153,7 +154,7 @@ async def test_too_many_connections_a_minute_are_refused_rate_limited(users, set
     settings.SCOPE_CONNECTIONS_PER_MINUTE = 2
     await database_sync_to_async(cache.clear)()
     token = await _token("alice", users)
-    headers = [(b"origin", b"http://127.0.0.1"), (b"authorization", f"Token {token}".encode())]
+    headers = [(b"host", b"127.0.0.1"), (b"origin", b"http://127.0.0.1"), (b"authorization", f"Token {token}".encode())]
     for _ in range(2):
         accepted = WebsocketCommunicator(router, "/ws/webrtc/", headers=headers)
         await accepted.connect()

@@ -12,6 +12,13 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from media_pipeline.ice import enforce_ice_addresses
 from tests.harness import ScopeServer, event_time, start_embedded
 from tests.peer import ClientPeer, ScopeClient, SessionRefused, SolidColorTrack
+from tests.scope_fixtures import (
+    scope_initial_parameters,
+    scope_initial_parameters_for_blur,
+    scope_pause_update,
+    scope_prompt_update,
+    scope_schema_field_update,
+)
 
 SENT = (200, 60, 20)
 INVERTED = tuple(255 - c for c in SENT)
@@ -203,6 +210,40 @@ async def test_the_data_channel_hears_stream_stopped_before_the_peer_closes(embe
         {"type": "stream_stopped", "reason": "SESSION_TERMINATED", "error_message": "Session ended by an operator."}
     ]
     assert stopped[0][0] <= peer.remote_ended_at
+
+
+async def test_scope_s_own_offer_is_answered_and_what_it_ignored_is_recorded(embedded_server: ScopeServer) -> None:
+    """A real Scope offer (its default LongLive stream) and Scope's UI pointed at this server (blur, radius 5)."""
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await client.start_session(pipeline=None, params=scope_initial_parameters())
+        await peer.wait_frames(5)
+        await client.close_socket()
+        await peer.wait_server_closed(2)
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        blur = await client.start_session(pipeline=None, params=scope_initial_parameters_for_blur())
+        await blur.wait_frames(5)
+        # Scope's data-channel updates: pause and prompts are ignored, a schema field applies.
+        for update in (scope_pause_update(), scope_prompt_update(), scope_schema_field_update()):
+            await blur.send_parameters_over_datachannel(update)
+        await embedded_server.wait_until_async(
+            lambda: embedded_server.session(blur.session_id)["parameters"] == {"radius": 7}, 10, what="radius 7"
+        )
+
+    longlive = embedded_server.closed_session(peer.session_id)
+    offered = next(e["detail"] for e in longlive["events"] if e["kind"] == "offered")
+    assert longlive["pipeline"] == "passthrough"  # Scope's "longlive" is not here: the default runs
+    assert offered["ignored_parameters"] == sorted(set(scope_initial_parameters()) - {"pipeline"})
+    record = embedded_server.closed_session(blur.session_id)
+    offered = next(e["detail"] for e in record["events"] if e["kind"] == "offered")
+    assert record["pipeline"] == "blur"
+    assert offered == {"pipeline": "blur", "ignored_parameters": sorted(set(scope_initial_parameters_for_blur())
+                                                                        - {"radius"})}
+    channel_errors = [m for _, m in blur.channel_messages if m.get("type") == "error"]
+    assert channel_errors == []
 
 
 async def test_end_of_candidates_is_acknowledged_as_such(embedded_server: ScopeServer) -> None:

@@ -6,6 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from media_pipeline.worker import MediaWorker
+from scope_site.process import apply_patches
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class Command(BaseCommand):
                             help="concurrent sessions this worker takes (default: SCOPE_WORKER_CAPACITY)")
 
     def handle(self, *args, capacity: int, **options) -> None:
+        apply_patches()
         asyncio.run(self._serve(capacity))
 
     async def _serve(self, capacity: int) -> None:
