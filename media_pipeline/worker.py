@@ -210,7 +210,7 @@ class MediaWorker:
                     "type": "signaling.error", "session_id": session_id, "code": code, "error": text,
                     "request_id": message["request_id"],
                 }
-                await self.channel_layer.send(message["reply_channel"], reply)
+                await self._reply(message, reply)
                 await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
                           by=f"worker:{self.worker_id}:negotiation")
                 return
@@ -223,10 +223,22 @@ class MediaWorker:
             # The answer goes first and is recorded after: the client's setup waits on
             # the answer, not on the database. A session closed meanwhile gets its
             # close right behind it.
-            await self.channel_layer.send(message["reply_channel"], response)
+            if not await self._reply(message, response):
+                await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
+                          by=f"worker:{self.worker_id}:answer-undeliverable")
+                return
             deadline_at = await _db(services.session_answered, session_id=session_id)
             if deadline_at is not None:
                 self._arm_deadline(session_id, deadline_at)
+
+    async def _reply(self, offer: PeerOffer, reply: SignalingAnswer | SignalingError) -> bool:
+        """Send the offer's reply; False if the channel layer could not (the client will never hear it)."""
+        try:
+            await self.channel_layer.send(offer["reply_channel"], reply)
+        except Exception as exc:
+            logger.warning("session %s: could not send the %s: %s", offer["session_id"], reply["type"], exc)
+            return False
+        return True
 
     def _events_for(self, session_id: str) -> PeerEvents:
         async def parameters_applied(pipeline: str, parameters: dict[str, Any]) -> None:
