@@ -56,6 +56,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         self.connection_id = uuid.uuid4().hex
         self.authorized = False
+        self.revoked = False
         self.ended = False
         self.user_label = ""
         # Open sessions of this socket, oldest first; the first is reserved at connect.
@@ -64,6 +65,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self.queued = False
         self.place_sent: int | None = None  # the queue place this socket was last told
         self.place_sent_at = 0.0
+        self.place_due: int | None = None  # the place to tell at the next update
         self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task] = set()
         await self.accept()
@@ -139,7 +141,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         if await _db(services.session_place)(session_id=session_id):
             await self._slot_ready(session_id)
         else:
-            await self._send_place()
+            await self._tell_place(session_id, await _db(selectors.queue_place)(session_id=session_id))
 
     async def _slot_ready(self, session_id: str) -> None:
         self.queued = False
@@ -148,41 +150,56 @@ class SignalingConsumer(AsyncWebsocketConsumer):
         self._arm(session_id, "offer", settings.SCOPE_OFFER_TIMEOUT_SECONDS, CloseReason.IDLE_TIMEOUT, "offer-timeout")
         await self._send({"type": "ready", "connection_id": self.connection_id, "sessionId": session_id})
 
-    async def _send_place(self) -> None:
-        """Tell the client its place if it changed; ``ready`` if a slot came meanwhile (its notice lost or late)."""
-        session_id = self.reserved_session_id
-        if not self.queued or session_id is None:
+    async def _tell_place(self, session_id: str, place: int | None) -> None:
+        """Act on the place looked up for the reserved session (0: it holds a slot; None: it ended)."""
+        # Re-checked after the lookup: a ``session.placed`` may have been handled meanwhile.
+        if not self.queued or session_id != self.reserved_session_id or place is None:
             return
-        place = await _db(selectors.queue_place)(session_id=session_id)
         if place == 0:
             await self._slot_ready(session_id)
-        elif place is not None and place != self.place_sent:
-            self.place_sent, self.place_sent_at = place, asyncio.get_running_loop().time()
-            await self._send({"type": "queued", "position": place})
+            return
+        self.place_due = place
+        key = (session_id, "place")
+        if key in self.timers:
+            return  # an update is already due: it will carry this place
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self.place_sent_at + PLACE_UPDATE_INTERVAL_SECONDS - loop.time())
+
+        def send_due() -> None:
+            self.timers.pop(key, None)
+            self._spawn(self._send_due_place())
+
+        self.timers[key] = loop.call_later(delay, send_due)
+
+    async def _send_due_place(self) -> None:
+        place = self.place_due
+        if not self.queued or place == self.place_sent:
+            return
+        self.place_sent, self.place_sent_at = place, asyncio.get_running_loop().time()
+        await self._send({"type": "queued", "position": place})
 
     async def session_placed(self, message: SessionPlaced) -> None:
         if self.queued and message["session_id"] == self.reserved_session_id:
             await self._slot_ready(message["session_id"])
 
     async def queue_changed(self, message: QueueChanged) -> None:
-        """Places moved: look up this socket's own, at most once a second however often they move."""
+        """Places moved: the message lists the queue, so each socket finds its own without the database."""
         session_id = self.reserved_session_id
-        if not self.queued or session_id is None or (session_id, "place") in self.timers:
+        if not self.queued or session_id is None:
             return
-        due = self.place_sent_at + PLACE_UPDATE_INTERVAL_SECONDS - asyncio.get_running_loop().time()
-
-        def look_up() -> None:
-            self.timers.pop((session_id, "place"), None)
-            self._spawn(self._send_place())
-
-        self.timers[(session_id, "place")] = asyncio.get_running_loop().call_later(max(0.0, due), look_up)
+        if session_id in message["queued"]:
+            place: int | None = message["queued"].index(session_id) + 1
+        else:
+            # Not queued any more (placed, its notice late or lost; or ended) or newer than the list: ask.
+            place = await _db(selectors.queue_place)(session_id=session_id)
+        await self._tell_place(session_id, place)
 
     # --- client messages -----------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # Messages over 64 KiB never get here: the WebSocket layer closes with 1009
         # (scope_site/daphne_limits.py).
-        if not self.authorized:
+        if not self.authorized or self.revoked:
             return
         request_id = None
         try:
@@ -326,9 +343,18 @@ class SignalingConsumer(AsyncWebsocketConsumer):
             await self.close(socket_close_code(CloseReason.SERVER_SHUTDOWN))
 
     async def socket_revoked(self, message: SocketRevoked) -> None:
-        """Its user was deactivated: the account's sessions end as an operator's act would end them."""
+        """Its user was deactivated: the account's sessions end as an operator's act would end them.
+
+        Each ending reaches this socket as usual (the error, then 4009 after the
+        last); the socket takes no more messages, and closes after the close
+        bound even if an ending's message was lost.
+        """
+        self.revoked = True
         await self._close_open_sessions(CloseReason.SESSION_TERMINATED, f"socket:{self.connection_id}:user-inactive")
-        await self.close(socket_close_code(CloseReason.SESSION_TERMINATED))
+        code = socket_close_code(CloseReason.SESSION_TERMINATED)
+        self.timers[("", "revoked")] = asyncio.get_running_loop().call_later(
+            settings.SCOPE_CLOSE_WAIT_SECONDS, lambda: self._spawn(self.close(code))
+        )
 
     async def session_ended(self, message: SessionEnded) -> None:
         session_id, reason = message["session_id"], message["reason"]

@@ -81,9 +81,10 @@ class SessionEnded(TypedDict):
 
 
 class QueueChanged(TypedDict):
-    """To the queue group: places moved; each queued socket looks up its own."""
+    """To the queue group: places moved."""
 
     type: Literal["queue.changed"]
+    queued: list[str]  # the waiting sessions' ids, first come first
 
 
 class SessionPlaced(TypedDict):

@@ -264,9 +264,15 @@ def _advance_queue() -> list[str]:
             notice: SessionPlaced = {"type": "session.placed", "session_id": str(session.pk)}
             _send_after_commit(session.signaling_channel, notice)
     if placed:
-        queue_changed: QueueChanged = {"type": "queue.changed"}
-        _group_send_after_commit(QUEUE_GROUP, queue_changed)
+        _announce_queue()
     return placed
+
+
+def _announce_queue() -> None:
+    """Tell queued sockets the queue as it now stands, in order: each finds its own place in it."""
+    queued = selectors.queued_sessions().values_list("pk", flat=True)[: settings.SCOPE_MAX_QUEUE]
+    message: QueueChanged = {"type": "queue.changed", "queued": [str(pk) for pk in queued]}
+    _group_send_after_commit(QUEUE_GROUP, message)
 
 
 @transaction.atomic
@@ -537,6 +543,8 @@ def _finish_close(session: StreamSession) -> None:
     _announce_session(session)
     if session.worker_id is not None:
         _advance_queue()
+    else:
+        _announce_queue()  # it left the queue: those behind it moved up
 
 
 # --- the safety net ------------------------------------------------------------
@@ -590,8 +598,7 @@ def queue_recheck() -> list[str]:
     """Place what a lost message left waiting, and have every waiting socket look again (the sweep's part)."""
     placed = _advance_queue()
     if not placed and selectors.sockets_waiting():
-        queue_changed: QueueChanged = {"type": "queue.changed"}
-        _group_send_after_commit(QUEUE_GROUP, queue_changed)
+        _announce_queue()
     return placed
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -216,6 +217,42 @@ class ScopeServer:
     def log_text(self) -> str:
         """Every process log of this server, one after another."""
         return read_logs(self.logs_dir)
+
+    def stop_worker(self, index: int) -> None:
+        """SIGSTOP media worker ``index``: frozen, it neither beats nor answers; ``cont_worker`` resumes it."""
+        self.worker_processes[index].send_signal(signal.SIGSTOP)
+
+    def cont_worker(self, index: int) -> None:
+        self.worker_processes[index].send_signal(signal.SIGCONT)
+
+    def start_extra_worker(self) -> subprocess.Popen[bytes]:
+        """One more ``manage.py mediaworker`` with this server's environment (scaled); stopped with the server."""
+        index = len(self.worker_processes)
+        worker = _spawn(f"mediaworker-{index}", [PYTHON, "manage.py", "mediaworker"], self.env, self.logs_dir)
+        self.worker_processes.append(worker)
+        self.processes.append(worker)
+        return worker
+
+    def db_execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one statement on the server's database behind its back (``%s`` placeholders); the rows it touched.
+
+        For tests that change what no message announces: a user deactivated by
+        another tool, a record changed by an operator's SQL.
+        """
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite:///"):
+            with closing(sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)) as connection:
+                with connection:
+                    return connection.execute(sql.replace("%s", "?"), params).rowcount
+        with psycopg.connect(url, autocommit=True) as connection:
+            return connection.execute(sql, params).rowcount
+
+    def set_user_flags(self, username: str, **flags: bool) -> None:
+        """Set ``is_active`` / ``is_staff`` of a test user directly in the database, as an admin would."""
+        assert flags and set(flags) <= {"is_active", "is_staff"}, flags
+        columns = ", ".join(f"{name} = %s" for name in flags)
+        touched = self.db_execute(f"UPDATE auth_user SET {columns} WHERE username = %s", (*flags.values(), username))
+        assert touched == 1, f"no user {username!r}"
 
 
 def event_time(record: dict[str, Any], kind: str) -> float:
