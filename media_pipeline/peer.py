@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PEER_CLOSE_TIMEOUT_SECONDS = 1.0
 # How long the close waits for ``stream_stopped`` to leave on the data channel
 # (SCTP holds it back while earlier messages await their acknowledgement).
-STREAM_STOPPED_FLUSH_SECONDS = 0.25
+STREAM_STOPPED_FLUSH_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,10 @@ class SessionPeer:
     def __init__(self, *, session_id: str, pipeline: str, parameters: dict[str, Any], device: torch.device,
                  frame_executor: Executor, events: PeerEvents) -> None:
         self.session_id = session_id
+        # What the pipeline runs now; what the client asked for last (ahead of it while a rebuild runs).
         self.pipeline = pipeline
         self.parameters = parameters
+        self.requested: tuple[str, dict[str, Any]] = (pipeline, parameters)
         self.files_dir = Path(settings.SCOPE_SESSION_FILES_DIR) / session_id
         self.track: PipelineTrack | None = None
         self.data_channel: RTCDataChannel | None = None
@@ -156,7 +158,7 @@ class SessionPeer:
         thread, so a flood of updates costs one rebuild at a time and never
         slows other sessions' frames.
         """
-        self._wanted_parameters = (pipeline, parameters)
+        self.requested = self._wanted_parameters = (pipeline, parameters)
         if self._applying:
             return False
         self._applying = True
@@ -177,7 +179,8 @@ class SessionPeer:
             if not isinstance(update, dict):
                 raise ParameterError("Parameters must be a JSON object.")
             update.pop("type", None)
-            pipeline, parameters = apply_update(pipeline=self.pipeline, parameters=self.parameters, update=update)
+            # Merged into what was asked last, not what runs yet: a switch then a tweak keeps the switch.
+            pipeline, parameters = apply_update(pipeline=self.requested[0], parameters=self.requested[1], update=update)
         except ValueError as exc:  # ParameterError, or not (bounded) JSON
             self._send(channel, {"type": "error", "code": errors.INVALID_MESSAGE, "error": str(exc)})
             return

@@ -1,4 +1,4 @@
-"""Settings, read from the environment (see DESIGN.md, "Settings").
+"""Settings, read from the environment (README.md lists them all).
 
 Without ``REDIS_URL`` the server runs embedded: one process, in-memory channel
 layer, SQLite, the media worker inside the web process, Celery eager.
@@ -196,7 +196,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # DRF's defaults, with JSON nesting bounded (sessions_app/json_limits.py).
-    # The API speaks JSON only: a form or multipart body is 415, never half-parsed.
+    # The API speaks JSON only: a form or multipart body is refused (400 INVALID_MESSAGE), never half-parsed.
     "DEFAULT_PARSER_CLASSES": ["sessions_app.parsers.BoundedJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,

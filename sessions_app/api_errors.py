@@ -1,4 +1,4 @@
-"""Every REST error reads ``{"code", "detail"}``, the code one of the design's."""
+"""Every REST error reads ``{"code", "detail"}``, the code one of the protocol's (docs/protocol.md)."""
 
 import logging
 from typing import Any
@@ -85,7 +85,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             headers["WWW-Authenticate"] = exc.auth_header
         if getattr(exc, "wait", None):
             headers["Retry-After"] = str(int(exc.wait))
-        # The design reports a body of the wrong type as a bad message, like any other.
+        # A body of the wrong type is a bad message like any other.
         status_code = (
             status.HTTP_400_BAD_REQUEST if isinstance(exc, exceptions.UnsupportedMediaType) else exc.status_code
         )

@@ -375,7 +375,10 @@ class SignalingConsumer(AsyncWebsocketConsumer):
                 try:
                     await self._reserve_session()
                 except ScopeError as exc:
+                    # As at connect: a socket that may not wait for a slot is closed, not left hanging.
                     await self._send_error(exc.code, exc.message)
+                    if not self.session_ids:
+                        await self.close(REFUSAL_CLOSE_CODES[exc.code])
                     return
                 await self._offer_slot()
             return

@@ -5,7 +5,7 @@ from typing import Final
 
 
 class ScopeError(Exception):
-    """A refusal the client should see: a ``code`` from the design and a message."""
+    """A refusal the client should see: one of the protocol's error ``code``s and a message."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -41,7 +41,7 @@ CLOSE_RULES: Final[dict[str, CloseRule]] = {
     "PEER_FAILED": CloseRule(None, "The video connection failed.", keeps_socket=True),
     "WORKER_LOST": CloseRule(4011, "Lost connection to the media server."),
     "SERVER_SHUTDOWN": CloseRule(4012, "The server is restarting; start again in a moment."),
-    "IDLE_TIMEOUT": CloseRule(4013, "No video arrived from your camera for too long."),
+    "IDLE_TIMEOUT": CloseRule(4013, "Nothing arrived from your side for too long (no offer, or no video)."),
     # Its web process stalled past the bound and came back: the client should connect again (1012, restart).
     "SIGNALING_LOST": CloseRule(1012, "Lost connection to the server."),
     "ERROR": CloseRule(4500, "Something went wrong on the server, so the session was ended."),

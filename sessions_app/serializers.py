@@ -97,7 +97,7 @@ class CandidatesInputSerializer(serializers.Serializer):
 
 
 class ErrorSerializer(serializers.Serializer):
-    code = serializers.CharField(help_text="One of the design's codes, e.g. UNKNOWN_SESSION, INVALID_SDP.")
+    code = serializers.CharField(help_text="What was wrong, e.g. UNKNOWN_SESSION, INVALID_SDP (docs/protocol.md lists them all).")
     detail = serializers.CharField()
 
 

@@ -159,7 +159,9 @@ def worker_lost(*, worker_id: int, by: str) -> list[str]:
 
     Nobody is left to tear those peers down or report it, so each session goes
     straight from ``closing`` to ``closed`` (its trail has no ``peer_closed``)
-    and its slot is free. Sessions already closing keep their reason.
+    and its slot is free. Sessions already closing keep their reason; those
+    whose files could not be removed stay ``closing``: the files are on that
+    host, and the sweep hands them to a live worker there or gives up loudly.
     """
     worker = Worker.objects.select_for_update().filter(pk=worker_id).first()
     if worker is None or worker.state == Worker.State.GONE:
@@ -168,9 +170,10 @@ def worker_lost(*, worker_id: int, by: str) -> list[str]:
     worker.peer_count = 0
     worker.save(update_fields=["state", "peer_count"])
     ended = []
+    files_left = {pending.session_id for pending in selectors.sessions_awaiting_cleanup() if pending.worker_id == worker_id}
     for session in StreamSession.objects.select_for_update().filter(worker=worker).exclude(
         state=StreamSession.State.CLOSED
-    ):
+    ).exclude(pk__in=files_left):
         if session.is_open:
             _mark_closing(session, reason=CloseReason.WORKER_LOST, by=by)
         _finish_close(session)

@@ -1,4 +1,4 @@
-"""Fixtures that start real servers, and the hook that attaches their logs to failures."""
+"""Fixtures that start real servers and a real browser, and the hook that attaches logs to failures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
+from tests.browser import launch_chromium, private_network
 from tests.harness import LOG_TAIL_CHARS, ScopeServer, start_embedded, start_scaled
 
 Mode = Literal["embedded", "scaled"]
@@ -101,3 +102,36 @@ def pytest_runtest_makereport(
         for server in _servers_used_by(item):
             report.sections.append((f"server logs ({server.logs_dir})", server.log_text()[-LOG_TAIL_CHARS:]))
     return report
+
+
+# --- the browser: a module's server, Playwright and Chromium share one private network ---
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[None]:
+    with private_network():
+        yield
+
+
+@pytest.fixture(scope="module")
+def playwright(namespace: None) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Any) -> Iterator[Any]:
+    browser = launch_chromium(playwright)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+def contexts(browser: Any) -> Iterator[list[Any]]:
+    """Browser profiles opened by a test; all closed after it."""
+    opened: list[Any] = []
+    yield opened
+    for context in opened:
+        context.close()

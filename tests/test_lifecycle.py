@@ -246,6 +246,20 @@ async def test_scope_s_own_offer_is_answered_and_what_it_ignored_is_recorded(emb
     assert channel_errors == []
 
 
+async def test_a_switch_then_a_tweak_on_the_data_channel_keeps_the_switch(embedded_server: ScopeServer) -> None:
+    async with ScopeClient() as client:
+        await client.connect(embedded_server, "alice")
+        await client.expect("ready")
+        peer = await live_peer(client, embedded_server, pipeline="invert")
+        await peer.send_parameters_over_datachannel({"pipeline": "blur"})
+        await peer.send_parameters_over_datachannel({"radius": 5})
+        await embedded_server.wait_until_async(
+            lambda: (record := embedded_server.session(peer.session_id))["pipeline"] == "blur"
+            and record["parameters"] == {"radius": 5},
+            10, what="blur with radius 5 recorded",
+        )
+
+
 async def test_end_of_candidates_is_acknowledged_as_such(embedded_server: ScopeServer) -> None:
     async with ScopeClient() as client:
         await client.connect(embedded_server, "alice")

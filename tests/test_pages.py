@@ -20,17 +20,11 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.browser import launch_chromium, private_network, video_mean
+from tests.browser import video_mean
 from tests.harness import ARTIFACTS, PASSWORD, ScopeServer, start_embedded
 
 LIVE_TIMEOUT_MS = 30_000
 SHORT_MAX_SECONDS = 5
-
-
-@pytest.fixture(scope="module")
-def namespace() -> Iterator[None]:
-    with private_network():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +42,6 @@ def short_server(namespace: None, tmp_path_factory: pytest.TempPathFactory) -> I
         SCOPE_ALLOW_ANONYMOUS=False,
     ) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def playwright(namespace: None) -> Iterator[Playwright]:
-    with sync_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    browser = launch_chromium(playwright)
-    yield browser
-    browser.close()
-
-
-@pytest.fixture
-def contexts(browser: Browser) -> Iterator[list[BrowserContext]]:
-    """Browser profiles opened by a test (one per user); all closed after it."""
-    opened: list[BrowserContext] = []
-    yield opened
-    for context in opened:
-        context.close()
 
 
 def open_page(browser: Browser, contexts: list[BrowserContext], server: ScopeServer, user: str | None) -> Page:

@@ -29,7 +29,6 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from tests.browser import launch_chromium, private_network
 from tests.harness import ScopeServer, start_embedded
 
 PAGE_FILE = Path(__file__).parent / "pages" / "scope_like.html"
@@ -43,13 +42,7 @@ END_BOUND_SECONDS = 1.0
 OPERATOR_ENDED_TEXT = "Session ended by an operator."
 
 
-# --- fixtures (the pattern of tests/test_pages.py) -------------------------------
-
-
-@pytest.fixture(scope="module")
-def namespace() -> Iterator[None]:
-    with private_network():
-        yield
+# --- fixtures ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -57,30 +50,6 @@ def server(namespace: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     # Heartbeats every second: the sessions' frames_in (sampled every 2 s) moves each sample.
     with start_embedded(tmp_path_factory.mktemp("real-clients"), SCOPE_HEARTBEAT_SECONDS=1) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def playwright(namespace: None) -> Iterator[Playwright]:
-    with sync_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    browser = launch_chromium(playwright)
-    yield browser
-    browser.close()
-
-
-@pytest.fixture
-def contexts(browser: Browser) -> Iterator[list[BrowserContext]]:
-    opened: list[BrowserContext] = []
-    yield opened
-    for context in opened:
-        context.close()
-
-
-# --- the Scope-like page -------------------------------------------------------------
 
 
 def open_scope_like(

@@ -26,7 +26,7 @@
     4009: "Session ended by an operator.",
     4011: "Lost connection to the media server.",
     4012: "The server is restarting; start again in a moment.",
-    4013: "No video arrived from your camera for too long.",
+    4013: "Nothing arrived from your side for too long (no offer, or no video).",
     4500: "Something went wrong on the server, so the session was ended.",
     4503: "Too many people are waiting for the server; try again later.",
     1012: "Lost connection to the server.",
