@@ -15,9 +15,7 @@ from playwright.sync_api import (
     Browser,
     BrowserContext,
     Page,
-    Playwright,
     expect,
-    sync_playwright,
 )
 
 from tests.browser import video_mean

@@ -232,7 +232,7 @@ def test_validate_parameters_rejects_bad_input(raw: Any, named: str) -> None:
 
 
 def test_validate_parameters_rejects_an_unknown_default_pipeline() -> None:
-    with pytest.raises(ParameterError) as caught:
+    with pytest.raises(ParameterError, match="'pipeline' must be one of"):
         validate_parameters({}, default_pipeline="sharpen")
 
 
