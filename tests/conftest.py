@@ -24,12 +24,14 @@ class ServerFactory:
         self._stack = stack
         self.servers: list[ScopeServer] = []
 
-    def __call__(self, mode: Mode = "embedded", *, workers: int = 2, **env: Any) -> ScopeServer:
+    def __call__(
+        self, mode: Mode = "embedded", *, workers: int = 2, worker_env: dict[str, Any] | None = None, **env: Any
+    ) -> ScopeServer:
         tmp_path = self._tmp_path_factory.mktemp(mode)
         if mode == "embedded":
             server = self._stack.enter_context(start_embedded(tmp_path, **env))
         else:
-            server = self._stack.enter_context(start_scaled(tmp_path, workers=workers, **env))
+            server = self._stack.enter_context(start_scaled(tmp_path, workers=workers, worker_env=worker_env, **env))
         self.servers.append(server)
         return server
 

@@ -439,8 +439,13 @@ def _fresh_postgres_database() -> Iterator[str]:
 
 
 @contextmanager
-def start_scaled(tmp_path: Path, workers: int = 2, **env: Any) -> Iterator[ScopeServer]:
-    """Redis channel layer, PostgreSQL, one daphne, ``workers`` mediaworker processes and Celery (worker + beat)."""
+def start_scaled(
+    tmp_path: Path, workers: int = 2, worker_env: dict[str, Any] | None = None, **env: Any
+) -> Iterator[ScopeServer]:
+    """Redis channel layer, PostgreSQL, one daphne, ``workers`` mediaworker processes and Celery (worker + beat).
+
+    ``worker_env``: settings only the media workers get (as on a host of their own).
+    """
     logs_dir = _new_logs_dir(tmp_path)
     with _failure_points_at_logs(logs_dir), ExitStack() as stack:
         redis_url, redis_processes = stack.enter_context(_private_redis(tmp_path, logs_dir))
@@ -455,7 +460,8 @@ def start_scaled(tmp_path: Path, workers: int = 2, **env: Any) -> Iterator[Scope
         # Processes stop before the database is dropped and Redis goes (ExitStack unwinds in reverse).
         stack.enter_context(_running(server.processes))
         for index in range(workers):
-            worker = _spawn(f"mediaworker-{index}", [PYTHON, "manage.py", "mediaworker"], server.env, logs_dir)
+            worker_environment = {**server.env, **{k: _env_value(v) for k, v in (worker_env or {}).items()}}
+            worker = _spawn(f"mediaworker-{index}", [PYTHON, "manage.py", "mediaworker"], worker_environment, logs_dir)
             server.worker_processes.append(worker)
             server.processes.append(worker)
         server.celery_process = _spawn(

@@ -260,12 +260,20 @@ def set_immutable(path: Path, immutable: bool) -> None:
 
 
 @pytest.mark.parametrize("mode", ["embedded", "scaled"])
-async def test_files_that_cannot_be_removed_hold_the_slot_until_a_retry_removes_them(server_factory, mode) -> None:
-    """The worker that holds the files retries with backoff (1, 2, 4, 8 s…), embedded and scaled alike."""
-    server = server_factory(mode, workers=1, SCOPE_WORKER_CAPACITY=1, **FAST_NETS)
+async def test_files_that_cannot_be_removed_hold_the_slot_until_a_retry_removes_them(
+    server_factory, mode, tmp_path: Path
+) -> None:
+    """The worker that holds the files retries with backoff (1, 2, 4, 8 s…), embedded and scaled alike.
+
+    Scaled, the files are on a path only the media worker sees, as on a host of its own.
+    """
+    files_dir = tmp_path / "worker-only-files"
+    worker_env = {"SCOPE_SESSION_FILES_DIR": files_dir} if mode == "scaled" else None
+    server = server_factory(mode, workers=1, worker_env=worker_env, SCOPE_WORKER_CAPACITY=1, **FAST_NETS)
+    files_dir = files_dir if mode == "scaled" else Path(server.env["SCOPE_SESSION_FILES_DIR"])
     async with ScopeClient() as client:
         peer = await connect_and_stream(client, server, "alice", pipeline="invert")
-        stuck = Path(server.env["SCOPE_SESSION_FILES_DIR"]) / peer.session_id / "offer.sdp"
+        stuck = files_dir / peer.session_id / "offer.sdp"
         set_immutable(stuck, True)
         try:
             await client.close_socket()

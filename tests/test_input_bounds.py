@@ -5,8 +5,11 @@ wherever it names. Each limit answers with a code (DESIGN.md, "Bounded input")
 and changes nothing.
 """
 
+import asyncio
 import io
 import json
+import os
+import time
 import uuid
 
 import pytest
@@ -245,3 +248,40 @@ async def test_trickling_past_the_cap_over_the_socket_is_rate_limited(embedded_s
         assert [r["type"] for r in replies] == ["icecandidate_ack"] * accepted + ["error"] * in_offer
         assert {r["code"] for r in replies[accepted:]} == {"RATE_LIMITED"}
         await peer.wait_frames(3)  # the session itself goes on
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_candidate_flood_never_reaches_the_worker(scaled_server: ScopeServer):
+    """2,000 candidates on one session: refused past the cap at the web process; the worker's CPU stays flat."""
+    flood = 2000
+    async with ScopeClient() as client:
+        await client.connect(scaled_server, "alice")
+        await client.expect("ready")
+        peer = await client.start_session(pipeline="passthrough")
+        await peer.wait_frames(10)
+        worker_id = scaled_server.session(peer.session_id)["worker"]
+        pid = next(w["pid"] for w in scaled_server.workers() if w["id"] == worker_id)
+
+        quiet_from, quiet_cpu = time.monotonic(), cpu_seconds(pid)
+        await asyncio.sleep(3)
+        quiet = (cpu_seconds(pid) - quiet_cpu) / (time.monotonic() - quiet_from)
+
+        flood_from, flood_cpu = time.monotonic(), cpu_seconds(pid)
+        for n in range(flood):
+            await client.send({"type": "icecandidate", "candidate": candidate(n), "sessionId": peer.session_id,
+                               "request_id": n})
+        replies = [await client.expect(("icecandidate_ack", "error"), timeout=30, request_id=n) for n in range(flood)]
+        await asyncio.sleep(max(0.0, 3 - (time.monotonic() - flood_from)))
+        flooded = (cpu_seconds(pid) - flood_cpu) / (time.monotonic() - flood_from)
+        await peer.wait_frames(len(peer.frames) + 10)  # the session itself goes on
+
+    refused = [reply for reply in replies if reply["type"] == "error"]
+    print(f"worker CPU: {quiet:.3f} s/s streaming, {flooded:.3f} s/s during {flood} candidates ({len(refused)} refused)")
+    assert len(refused) >= flood - CAP and {reply["code"] for reply in refused} == {"RATE_LIMITED"}
+    assert flooded <= quiet * 1.5 + 0.05
