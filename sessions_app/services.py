@@ -19,7 +19,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import errors, selectors
+from . import errors, lifecycle, selectors
 from .errors import ScopeError
 from .messages import (
     DASHBOARD_GROUP,
@@ -67,7 +67,22 @@ def _announce_worker(worker_id: int) -> None:
 
 
 def _record(session: StreamSession, kind: str, *, at: datetime | None = None, **detail: Any) -> None:
-    SessionEvent.objects.create(session=session, kind=kind, at=at or timezone.now(), detail=detail)
+    """Add a step to the session's trail; watchers (lifecycle.session_step) hear of it after commit."""
+    at = at or timezone.now()
+    SessionEvent.objects.create(session=session, kind=kind, at=at, detail=detail)
+    step = lifecycle.SessionStep(
+        kind=kind, at=at, detail=detail, session_id=str(session.pk), state=session.state,
+        owner=session.owner.get_username() if session.owner_id else None, connection_id=session.connection_id,
+        worker_id=session.worker_id, pipeline=session.pipeline, close_reason=session.close_reason,
+        created_at=session.created_at, live_at=session.live_at, closing_at=session.closing_at,
+        closed_at=session.closed_at, frames_in=session.frames_in, frames_out=session.frames_out,
+    )
+    transaction.on_commit(lambda: lifecycle.session_step.send(sender=lifecycle.SessionStep, step=step), robust=True)
+
+
+def _worker_step(worker: Worker, kind: str, **detail: Any) -> None:
+    step = lifecycle.WorkerStep(kind=kind, at=timezone.now(), worker_id=worker.pk, host=worker.host, detail=detail)
+    transaction.on_commit(lambda: lifecycle.worker_step.send(sender=lifecycle.WorkerStep, step=step), robust=True)
 
 
 def _locked_session(session_id: str) -> StreamSession:
@@ -91,6 +106,7 @@ def worker_register(*, channel_name: str, host: str, pid: int, device: str, capa
         heartbeat_at=Now(),
     )
     _announce_worker(worker.pk)
+    _worker_step(worker, "registered", device=device, capacity=capacity)
     _advance_queue()
     return worker
 
@@ -125,6 +141,7 @@ def worker_heartbeat(
     if returned:
         worker.state = Worker.State.ACTIVE
         logger.warning("worker %s is back after being declared gone: placeable again", worker_id)
+        _worker_step(worker, "returned")
     worker.heartbeat_at = Now()
     worker.peer_count = peer_count
     worker.asyncio_tasks = asyncio_tasks
@@ -142,14 +159,21 @@ def worker_heartbeat(
 @transaction.atomic
 def worker_drain(*, worker_id: int) -> None:
     """The worker is shutting down gracefully: no new sessions are placed on it."""
-    Worker.objects.filter(pk=worker_id, state=Worker.State.ACTIVE).update(state=Worker.State.DRAINING)
+    worker = Worker.objects.select_for_update().get(pk=worker_id)
+    if worker.state == Worker.State.ACTIVE:
+        worker.state = Worker.State.DRAINING
+        worker.save(update_fields=["state"])
+        _worker_step(worker, "draining")
     _announce_worker(worker_id)
 
 
 @transaction.atomic
 def worker_retire(*, worker_id: int) -> None:
     """The worker process is exiting cleanly: it takes no more sessions."""
-    Worker.objects.filter(pk=worker_id).update(state=Worker.State.GONE, peer_count=0)
+    worker = Worker.objects.select_for_update().get(pk=worker_id)
+    worker.state, worker.peer_count = Worker.State.GONE, 0
+    worker.save(update_fields=["state", "peer_count"])
+    _worker_step(worker, "retired")
     _announce_worker(worker_id)
 
 
@@ -169,6 +193,7 @@ def worker_lost(*, worker_id: int, by: str) -> list[str]:
     worker.state = Worker.State.GONE
     worker.peer_count = 0
     worker.save(update_fields=["state", "peer_count"])
+    _worker_step(worker, "lost", by=by)
     ended = []
     files_left = {pending.session_id for pending in selectors.sessions_awaiting_cleanup() if pending.worker_id == worker_id}
     for session in StreamSession.objects.select_for_update().filter(worker=worker).exclude(

@@ -4,9 +4,10 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import transaction
 from django.utils import timezone
 
-from sessions_app import services
+from sessions_app import lifecycle, services
 from sessions_app.models import StreamSession, Worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -189,3 +190,25 @@ def test_a_user_has_at_most_their_share_of_open_sessions(settings) -> None:
         services.session_create(owner=carol)
     assert refused.value.code == "RATE_LIMITED"
     assert StreamSession.objects.filter(owner=carol).count() == 2
+
+
+def test_watchers_hear_each_committed_step_and_no_rolled_back_one() -> None:
+    heard: list[tuple[str, str]] = []
+
+    def receiver(sender, step: lifecycle.SessionStep, **kwargs) -> None:
+        heard.append((step.kind, step.close_reason))
+
+    lifecycle.session_step.connect(receiver)
+    try:
+        worker(capacity=1)
+        with transaction.atomic():
+            services.session_create(owner=None)
+            transaction.set_rollback(True)
+        assert heard == []
+        session = offered()
+        services.session_close(session_id=str(session.pk), reason="SESSION_TERMINATED", by="test")
+        services.session_closed(session_id=str(session.pk), steps=[])
+    finally:
+        lifecycle.session_step.disconnect(receiver)
+    assert heard == [("created", ""), ("placed", ""), ("offered", ""), ("closing", "SESSION_TERMINATED"),
+                     ("closed", "SESSION_TERMINATED")]
