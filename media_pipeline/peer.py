@@ -30,6 +30,7 @@ from sessions_app.errors import ScopeError
 from sessions_app.models import SessionEvent
 from sessions_app.services import FrameCounts, TeardownStep
 from sessions_app.session_files import remove_session_files, write_session_files
+from sessions_app.turn import ice_servers_for
 
 from .parameters import apply_update
 from .pipelines import FrameProcessor, ParameterError
@@ -72,7 +73,8 @@ class SessionPeer:
         self._device = device
         self._frame_executor = frame_executor
         self._events = events
-        ice_servers = [RTCIceServer(**server) for server in settings.SCOPE_ICE_SERVERS]
+        # TURN with the worker's own short-lived credentials, then the static servers (sessions_app/turn.py).
+        ice_servers = [RTCIceServer(**server) for server in ice_servers_for(label="worker")]
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers))
         self._processor: FrameProcessor | None = None
         # Parameter updates coalesce: the latest wanted one waits while another is applied.

@@ -340,6 +340,11 @@ class FrameProcessor:
         return host.permute(2, 0, 1).unsqueeze(0)
 
     @property
+    def name(self) -> str:
+        """The name of the session's current pipeline."""
+        return self._name
+
+    @property
     def is_passthrough(self) -> bool:
         """True while the session's pipeline leaves frames as they are."""
         return isinstance(self._pipeline, PassthroughPipeline)

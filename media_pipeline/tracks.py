@@ -2,13 +2,16 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+from prometheus_client import Histogram
 
+from . import metrics
 from .pipelines import FrameProcessor
 
 logger = logging.getLogger(__name__)
@@ -41,13 +44,20 @@ class PipelineTrack(MediaStreamTrack):
         self._source_ended = False
         self.frames_in = 0
         self.frames_out = 0
+        # The pipeline-time histogram's child for the pipeline last timed, rebound only when the session switches.
+        self._timed_pipeline: str | None = None
+        self._pipeline_seconds: Histogram | None = None
         self._reader = asyncio.create_task(self._read_source(), name=f"pipeline-reader-{self.id}")
 
     async def _read_source(self) -> None:
         try:
             while True:
-                self._latest = await self._source.recv()
+                frame = await self._source.recv()
+                if self._latest is not None:  # the pipeline never took the previous one
+                    metrics.FRAMES_DROPPED.inc()
+                self._latest = frame
                 self.frames_in += 1
+                metrics.FRAMES_IN.inc()
                 self._frame_ready.set()
         except MediaStreamError:
             pass
@@ -72,9 +82,20 @@ class PipelineTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError from exc
         self.frames_out += 1
+        metrics.FRAMES_OUT.inc()
         return processed
 
     def _process(self, frame: VideoFrame) -> VideoFrame:
+        pipeline = self._processor.name
+        if pipeline != self._timed_pipeline or self._pipeline_seconds is None:
+            self._timed_pipeline = pipeline
+            self._pipeline_seconds = metrics.PIPELINE_SECONDS.labels(pipeline=pipeline)
+        started = time.perf_counter()
+        out = self._run_pipeline(frame)
+        self._pipeline_seconds.observe(time.perf_counter() - started)
+        return out
+
+    def _run_pipeline(self, frame: VideoFrame) -> VideoFrame:
         if self._processor.is_passthrough:
             # The decoded frame goes straight to the encoder: no RGB round trip.
             return frame

@@ -3,7 +3,8 @@
 - ``apply_patches()``, once at process start (the web process's ASGI module,
   the ``mediaworker`` command): the changes this server makes to aioice
   (``SCOPE_ICE_ENFORCE_LIST``, ``SCOPE_ICE_DENY_LIST``), aiortc (the jitter
-  buffer's release at the marker bit) and daphne (the 64 KiB message cap).
+  buffer's release at the marker bit) and daphne (the 64 KiB message cap, its
+  access log sent through logging).
   Each reaches into its library's internals, so each is applied only to the
   version it was written for: another version stops the process at start,
   not mid-session.
@@ -57,9 +58,10 @@ def apply_patches() -> None:
     from media_pipeline.ice import deny_remote_networks, enforce_ice_addresses
     from media_pipeline.jitter import release_frames_on_marker
 
-    from . import daphne_limits
+    from . import daphne_limits, logs
 
     daphne_limits.install()
+    logs.route_daphne_access_log()
     enforce_ice_addresses(settings.SCOPE_ICE_ENFORCE_LIST)
     deny_remote_networks(settings.SCOPE_ICE_DENY_LIST)
     if settings.SCOPE_RELEASE_ON_MARKER:

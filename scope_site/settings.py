@@ -7,11 +7,14 @@ layer, SQLite, the media worker inside the web process, Celery eager.
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
+
+from scope_site import logs as scope_logs
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -81,7 +84,7 @@ if SCOPE_HTTPS:
     CSRF_COOKIE_SECURE = True
     SECURE_SSL_REDIRECT = True
     # Probes speak plain HTTP to the process itself, not through the proxy.
-    SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$", r"^metrics/?$"]
     SECURE_HSTS_SECONDS = 365 * 24 * 3600
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
@@ -231,13 +234,17 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Celery's default of 100 tries would end the safety net after a two-minute outage.
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 
+# Every process logs one line per record to stderr: JSON lines or readable text (scope_site/logs.py).
+SCOPE_LOG_FORMAT = scope_logs.log_format()
+LOGGING_CONFIG = "scope_site.logs.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": scope_logs.FORMATTERS,
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": SCOPE_LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
+        **scope_logs.LOGGERS,
         "aioice": {"level": "WARNING"},
         "aiortc": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
@@ -285,6 +292,18 @@ SCOPE_SESSION_FILES_DIR = Path(os.environ.get("SCOPE_SESSION_FILES_DIR", BASE_DI
 # How long negotiation (offer → answer) and teardown may take before giving up.
 SCOPE_NEGOTIATION_TIMEOUT_SECONDS = env_float("SCOPE_NEGOTIATION_TIMEOUT_SECONDS", 10)
 SCOPE_CLOSE_WAIT_SECONDS = env_float("SCOPE_CLOSE_WAIT_SECONDS", 2)
+# Metrics (sessions_app/metrics.py): GET /metrics on web processes, and a media worker's own
+# endpoint on SCOPE_METRICS_PORT (0: none) at SCOPE_METRICS_BIND. Readable without logging in
+# from SCOPE_METRICS_ALLOW (staff users from anywhere, on the web process).
+SCOPE_METRICS_ALLOW = env_networks("SCOPE_METRICS_ALLOW", ["127.0.0.0/8", "::1/128"])
+SCOPE_METRICS_PORT = int(env_float("SCOPE_METRICS_PORT", 0))
+if not 0 <= SCOPE_METRICS_PORT <= 65535:
+    raise ImproperlyConfigured(f"SCOPE_METRICS_PORT must be a TCP port (0: off), not {SCOPE_METRICS_PORT}")
+SCOPE_METRICS_BIND = os.environ.get("SCOPE_METRICS_BIND", "127.0.0.1").strip() or "127.0.0.1"
+# Webhooks (sessions_app/webhooks.py): one POST's whole bound, and retries 1, 2, 4 … × the base until the last attempt.
+SCOPE_WEBHOOK_TIMEOUT_SECONDS = env_float("SCOPE_WEBHOOK_TIMEOUT_SECONDS", 5)
+SCOPE_WEBHOOK_RETRY_BASE_SECONDS = env_float("SCOPE_WEBHOOK_RETRY_BASE_SECONDS", 1)
+SCOPE_WEBHOOK_MAX_ATTEMPTS = int(env_float("SCOPE_WEBHOOK_MAX_ATTEMPTS", 8))
 
 try:
     SCOPE_ICE_SERVERS = json.loads(os.environ.get("SCOPE_ICE_SERVERS", "[]"))
@@ -292,6 +311,19 @@ except json.JSONDecodeError as exc:
     raise ImproperlyConfigured(f"SCOPE_ICE_SERVERS must be a JSON list: {exc}") from exc
 if not isinstance(SCOPE_ICE_SERVERS, list):
     raise ImproperlyConfigured("SCOPE_ICE_SERVERS must be a JSON list")
+
+# TURN with short-lived credentials (coturn's use-auth-secret): sessions_app/turn.py.
+SCOPE_TURN_URLS = env_list("SCOPE_TURN_URLS", [])
+SCOPE_TURN_SECRET = os.environ.get("SCOPE_TURN_SECRET", "")
+SCOPE_TURN_TTL_SECONDS = env_float("SCOPE_TURN_TTL_SECONDS", 600)
+for _url in SCOPE_TURN_URLS:
+    if not re.fullmatch(r"turns?:[^?\s/]+(\?transport=(udp|tcp))?", _url):
+        raise ImproperlyConfigured(f"SCOPE_TURN_URLS: {_url!r} is not a turn: or turns: URL such as "
+                                   "turn:turn.example.com:3478?transport=udp")
+if bool(SCOPE_TURN_URLS) != bool(SCOPE_TURN_SECRET):
+    raise ImproperlyConfigured("SCOPE_TURN_URLS and SCOPE_TURN_SECRET go together: set both or neither")
+if SCOPE_TURN_TTL_SECONDS < 1:
+    raise ImproperlyConfigured("SCOPE_TURN_TTL_SECONDS must be at least 1")
 
 # The safety-net sweep and the daily prune (sessions_app.tasks); embedded mode runs both on an in-process timer instead.
 CELERY_BEAT_SCHEDULE = {

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 
-from sessions_app import health, views
+from sessions_app import health, metrics, views
 
 urlpatterns = [
     path("", views.stream_page, name="stream"),
@@ -13,4 +13,5 @@ urlpatterns = [
     path("api/v1/", include("sessions_app.api_urls")),
     re_path(r"^healthz/?$", health.healthz),
     re_path(r"^readyz/?$", health.readyz),
+    re_path(r"^metrics/?$", metrics.metrics_view),
 ]

@@ -1,12 +1,18 @@
-"""Admin: records are read-only; the one write is terminating sessions, through ``services``."""
+"""Admin: records are read-only; the writes are terminating sessions (through ``services``) and webhooks.
 
+Webhook endpoints are ordinary editable records (Django's model permissions);
+their deliveries are a read-only log whose one write is retrying failed ones.
+"""
+
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Case, IntegerField, QuerySet, Value, When
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.translation import ngettext
 
-from . import selectors, services
-from .models import CloseReason, SessionEvent, StreamSession, Worker
+from . import selectors, services, webhooks
+from .models import CloseReason, SessionEvent, StreamSession, WebhookDelivery, WebhookEndpoint, WebhookEvent, Worker
 
 # Open sessions first, the ones most likely to need an operator on top.
 STATE_RANK = Case(
@@ -120,3 +126,53 @@ class WorkerAdmin(StaffReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description="slots used", ordering="slots_used")
     def slots_used(self, worker: Worker) -> int:
         return worker.slots_used
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=500, assume_scheme="https", help_text="http or https; it gets a signed POST per event.")
+    events = forms.MultipleChoiceField(
+        choices=WebhookEvent.choices, widget=forms.CheckboxSelectMultiple, help_text="The events this endpoint gets."
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("url", "description", "events", "active", "secret")
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
+    list_display = ("url", "description", "events", "active", "created_at")
+    list_filter = ("active",)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(StaffReadOnlyMixin, admin.ModelAdmin):
+    list_display = (
+        "id", "event", "endpoint", "status", "attempts", "last_status_code", "last_error", "created_at", "delivered_at"
+    )
+    list_filter = ("status", "event", "endpoint")
+    list_select_related = ("endpoint",)
+    fields = (
+        "endpoint", "event", "status", "attempts", "last_status_code", "last_error", "created_at", "delivered_at",
+        "next_attempt_at", "payload",
+    )
+    readonly_fields = fields
+    actions = ["retry_deliveries"]
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_active and request.user.is_staff
+
+    @admin.action(description="Retry selected failed deliveries", permissions=["retry"])
+    def retry_deliveries(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        failed = list(queryset.filter(status=WebhookDelivery.Status.FAILED).values_list("pk", flat=True))
+        WebhookDelivery.objects.filter(pk__in=failed, status=WebhookDelivery.Status.FAILED).update(
+            status=WebhookDelivery.Status.PENDING, attempts=0, next_attempt_at=timezone.now()
+        )
+        for pk in failed:
+            webhooks.dispatcher.submit(pk)
+        self.message_user(
+            request,
+            ngettext("Retrying %(count)d delivery.", "Retrying %(count)d deliveries.", len(failed)) % {"count": len(failed)},
+            messages.SUCCESS if failed else messages.WARNING,
+        )

@@ -37,6 +37,7 @@ from .serializers import (
     StreamSessionSerializer,
     WorkerSerializer,
 )
+from .turn import ice_servers_for
 
 ERROR = OpenApiResponse(ErrorSerializer, description="{code, detail}; the code says what was wrong.")
 SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's id.")
@@ -57,7 +58,7 @@ class IceServersView(APIView):
 
     @extend_schema(responses={200: IceServersSerializer, 401: ERROR})
     def get(self, request: Request) -> Response:
-        return Response({"iceServers": settings.SCOPE_ICE_SERVERS})
+        return Response({"iceServers": ice_servers_for(request.user)})
 
 
 class PipelinesView(APIView):

@@ -36,6 +36,7 @@ from .messages import (
 )
 from .models import CloseReason
 from .sdp import validate_offer
+from .turn import ice_servers_for
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class SignalingConsumer(AsyncWebsocketConsumer):
 
     async def handle_get_ice_servers(self, message: dict[str, Any], request_id: Any) -> None:
         await self._send(
-            {"type": "ice_servers", "data": {"iceServers": settings.SCOPE_ICE_SERVERS}, "status": 200}, request_id
+            {"type": "ice_servers", "data": {"iceServers": ice_servers_for(self.user)}, "status": 200}, request_id
         )
 
     async def handle_offer(self, message: dict[str, Any], request_id: Any) -> None:

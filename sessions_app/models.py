@@ -1,6 +1,9 @@
+import secrets
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import models
 
 
@@ -110,3 +113,72 @@ class SessionEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} at {self.at.isoformat()}"
+
+
+# --- webhooks: signed notices of session and worker events (sessions_app/webhooks.py) ---
+
+
+class WebhookEvent(models.TextChoices):
+    SESSION_CREATED = "session.created"
+    SESSION_LIVE = "session.live"
+    SESSION_CLOSED = "session.closed"
+    WORKER_LOST = "worker.lost"
+
+
+def all_webhook_events() -> list[str]:
+    return list(WebhookEvent.values)
+
+
+def new_webhook_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class WebhookEndpoint(models.Model):
+    url = models.URLField(max_length=500, validators=[URLValidator(schemes=["http", "https"])])
+    secret = models.CharField(
+        max_length=128, default=new_webhook_secret, help_text="Signs every request (Scope-Signature); share it with the receiver."
+    )
+    # Which of WebhookEvent's values this endpoint gets.
+    events = models.JSONField(default=all_webhook_events)
+    active = models.BooleanField(default=True)
+    description = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def clean(self) -> None:
+        unknown = set(self.events or []) - set(WebhookEvent.values) if isinstance(self.events, list) else None
+        if unknown is None or unknown:
+            raise ValidationError({"events": f"A list of {', '.join(WebhookEvent.values)}."})
+
+
+class WebhookDelivery(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"
+
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=32, choices=WebhookEvent.choices)
+    # The whole body: {"id", "event", "created_at", "data"}; "id" is the event's, shared by its endpoints.
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # Pending: when the next attempt is due (while one is under way, when its claim runs out).
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "webhook deliveries"
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.event} → {self.endpoint_id} ({self.status})"

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -234,3 +234,66 @@ def retention_cutoff(days: float) -> datetime:
 def sessions_closed_before(older_than: datetime) -> QuerySet[StreamSession]:
     """Closed sessions that closed before ``older_than``; open and closing ones never."""
     return StreamSession.objects.filter(state=StreamSession.State.CLOSED, closed_at__lt=older_than)
+
+
+# --- operators' commands (manage.py sessions, terminate, workers, drainworker) ---
+
+
+def sessions_for_operators(*, states: list[str] | None = None) -> QuerySet[StreamSession]:
+    """Sessions in ``states`` (None: every one not yet closed), oldest first."""
+    sessions = StreamSession.objects.select_related("owner", "worker")
+    if states is None:
+        sessions = sessions.exclude(state=StreamSession.State.CLOSED)
+    else:
+        sessions = sessions.filter(state__in=states)
+    return sessions.order_by("created_at", "pk")
+
+
+def open_session_ids() -> list[str]:
+    """Every open session (waiting, negotiating or live), oldest first."""
+    return _ids(StreamSession.objects.filter(state__in=StreamSession.OPEN_STATES).order_by("created_at", "pk"))
+
+
+def workers_for_operators(*, gone_within: timedelta | None = None) -> QuerySet[Worker]:
+    """Workers with ``slots_used`` and ``heartbeat_age`` (on the database's clock, as heartbeats are written).
+
+    Gone workers only if they were heard from within ``gone_within``; None: every worker ever registered.
+    """
+    workers = workers_with_load() if gone_within is None else dashboard_workers(gone_within=gone_within)
+    return workers.annotate(
+        heartbeat_age=ExpressionWrapper(Now() - F("heartbeat_at"), output_field=DurationField())
+    )
+
+
+# --- metrics (read at scrape time: sessions_app/metrics.py) ---------------------------
+
+
+NOT_CLOSED = (*StreamSession.OPEN_STATES, StreamSession.State.CLOSING)
+
+
+def session_counts_by_state() -> dict[str, int]:
+    """How many sessions are in each state short of ``closed`` (closed ones are history, counted as closes)."""
+    rows = StreamSession.objects.filter(state__in=NOT_CLOSED).values_list("state").annotate(count=Count("pk")).order_by()
+    return dict(rows)
+
+
+def queue_length() -> int:
+    return queued_sessions().count()
+
+
+def worker_slots() -> list[tuple[int, int, int]]:
+    """``(worker id, slots used, capacity)`` of every worker still counted on, or gone with slots still held.
+
+    Two index-backed queries, so closed history and long-gone workers cost nothing.
+    """
+    used = dict(
+        StreamSession.objects.filter(worker__isnull=False, state__in=NOT_CLOSED)
+        .values_list("worker_id").annotate(count=Count("pk")).order_by()
+    )
+    workers = Worker.objects.filter(~Q(state=Worker.State.GONE) | Q(pk__in=list(used))).order_by("pk")
+    return [(pk, used.get(pk, 0), capacity) for pk, capacity in workers.values_list("pk", "capacity")]
+
+
+def session_event_at(*, session_id: str, kind: str) -> datetime | None:
+    """When the session's first event of ``kind`` happened; None if it has none (or is gone)."""
+    return SessionEvent.objects.filter(session_id=session_id, kind=kind).order_by("at").values_list("at", flat=True).first()

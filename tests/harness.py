@@ -247,6 +247,30 @@ class ScopeServer:
         with psycopg.connect(url, autocommit=True) as connection:
             return connection.execute(sql, params).rowcount
 
+    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Read the server's database behind its back (``%s`` placeholders): the rows, as dicts by column name."""
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite:///"):
+            with closing(sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)) as connection:
+                cursor = connection.execute(sql.replace("%s", "?"), params)
+                names = [column[0] for column in cursor.description]
+                return [dict(zip(names, row)) for row in cursor.fetchall()]
+        with psycopg.connect(url, autocommit=True) as connection:
+            cursor = connection.execute(sql, params)
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def add_webhook(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        """Add an active webhook endpoint as an operator would (the model's defaults apply); its ``id`` and ``secret``."""
+        script = (
+            "import json\nfrom sessions_app.models import WebhookEndpoint\n"
+            f"fields = {{'url': {url!r}}} if {events!r} is None else {{'url': {url!r}, 'events': {events!r}}}\n"
+            "endpoint = WebhookEndpoint(**fields)\nendpoint.full_clean()\nendpoint.save()\n"
+            "print(json.dumps({'id': endpoint.pk, 'secret': endpoint.secret}))\n"
+        )
+        stdout = _manage(["shell", "-c", script], self.env, self.logs_dir, "webhooks")
+        return json.loads(stdout.strip().splitlines()[-1])
+
     def set_user_flags(self, username: str, **flags: bool) -> None:
         """Set ``is_active`` / ``is_staff`` of a test user directly in the database, as an admin would."""
         assert flags and set(flags) <= {"is_active", "is_staff"}, flags

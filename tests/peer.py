@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,8 @@ import numpy as np
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
+    RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
     VideoStreamTrack,
@@ -90,9 +93,26 @@ class SolidColorTrack(VideoStreamTrack):
 class ClientPeer:
     """One session's peer connection, as seen from the client."""
 
-    def __init__(self, client: ScopeClient, color: Color) -> None:
+    def __init__(
+        self,
+        client: ScopeClient,
+        color: Color,
+        *,
+        ice_servers: list[dict[str, Any]] | None = None,
+        relay_only: bool = False,
+    ) -> None:
+        """``ice_servers``: RTCIceServer-shaped dicts (as the server hands them out); none by default.
+
+        ``relay_only``: the "relay" ICE transport policy, so only TURN relay candidates are gathered and used.
+        """
         self.client = client
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(
+                # Never None: aiortc would fall back to a public STUN server.
+                iceServers=[RTCIceServer(**server) for server in ice_servers or []],
+                iceTransportPolicy=RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL,
+            )
+        )
         self.track = SolidColorTrack(color)
         self.pc.addTrack(self.track)
         self.channel: RTCDataChannel = self.pc.createDataChannel("parameters")
@@ -161,6 +181,13 @@ class ClientPeer:
         aiortc then closes this peer too, so connectionState follows as "closed".
         """
         return self.pc.getSenders()[0].transport.state
+
+    @property
+    def selected_pair(self) -> tuple[Any, Any] | None:
+        """The (local, remote) aioice candidates ICE nominated for media, once connected; else None."""
+        connection = self.pc.getSenders()[0].transport.transport.iceGatherer._connection
+        pair = connection._nominated.get(1)
+        return None if pair is None else (pair.local_candidate, pair.remote_candidate)
 
     @property
     def last_frame_at(self) -> float | None:
@@ -241,11 +268,13 @@ class ScopeClient:
         token: str | None = None,
         origin: str | None = None,
         timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """Open the signaling socket as ``user`` (None: anonymous).
 
         ``token`` and ``origin`` override the user's token and the server's own
-        origin, for tests of refused handshakes.
+        origin, for tests of refused handshakes. ``ssl_context``: for a
+        ``wss://`` server (behind a TLS proxy), the context that trusts its certificate.
         """
         key = token if token is not None else (server.tokens[user] if user is not None else None)
         headers = {} if key is None else {"Authorization": f"Token {key}"}
@@ -255,6 +284,7 @@ class ScopeClient:
             origin=origin or server.origin,
             proxy=None,  # never route loopback signaling through an environment proxy
             open_timeout=timeout,
+            **({} if ssl_context is None else {"ssl": ssl_context}),
         )
         self._reader = asyncio.create_task(self._read(self._ws))
 
@@ -304,6 +334,13 @@ class ScopeClient:
         except asyncio.TimeoutError:
             raise AssertionError(f"no {types} {match} within {timeout:g}s; received {self.received}") from None
 
+    async def get_ice_servers(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The ICE servers the server hands this socket's user (``get_ice_servers``)."""
+        request_id = uuid.uuid4().hex
+        await self.send({"type": "get_ice_servers", "request_id": request_id})
+        reply = await self.expect("ice_servers", timeout, request_id=request_id)
+        return reply["data"]["iceServers"]
+
     async def wait_closed(self, timeout: float = 10.0) -> int | None:
         """Wait for the server to close the socket; return the close code."""
         try:
@@ -318,17 +355,21 @@ class ScopeClient:
         params: dict[str, Any] | None = None,
         color: Color = DEFAULT_COLOR,
         timeout: float = 15.0,
+        *,
+        ice_servers: list[dict[str, Any]] | None = None,
+        relay_only: bool = False,
     ) -> ClientPeer:
         """Offer a new peer and apply the answer; raise SessionRefused on an error reply.
 
-        ``pipeline=None`` leaves the choice to the server's default.
+        ``pipeline=None`` leaves the choice to the server's default. ``ice_servers``
+        and ``relay_only`` configure the peer (see ClientPeer).
         """
         # Idempotent; keeps this process's candidates (and accepted checks) on loopback.
         enforce_ice_addresses(["127.0.0.1"])
         initial = dict(params or {})
         if pipeline is not None:
             initial["pipeline"] = pipeline
-        peer = ClientPeer(self, color)
+        peer = ClientPeer(self, color, ice_servers=ice_servers, relay_only=relay_only)
         self.peers.append(peer)
         try:
             await peer.negotiate(initial, timeout)

@@ -3,8 +3,9 @@ import logging
 import signal
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from media_pipeline.metrics import MetricsServer
 from media_pipeline.worker import MediaWorker
 from scope_site.process import apply_patches
 
@@ -20,10 +21,29 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--capacity", type=int, default=settings.SCOPE_WORKER_CAPACITY,
                             help="concurrent sessions this worker takes (default: SCOPE_WORKER_CAPACITY)")
+        parser.add_argument("--metrics-port", type=int, default=settings.SCOPE_METRICS_PORT,
+                            help="serve this worker's /metrics on this port at SCOPE_METRICS_BIND; 0: none "
+                                 "(default: SCOPE_METRICS_PORT)")
 
-    def handle(self, *args, capacity: int, **options) -> None:
+    def handle(self, *args, capacity: int, metrics_port: int, **options) -> None:
         apply_patches()
-        asyncio.run(self._serve(capacity))
+        metrics = self._start_metrics(metrics_port)
+        try:
+            asyncio.run(self._serve(capacity))
+        finally:
+            if metrics is not None:
+                metrics.stop()
+
+    def _start_metrics(self, port: int) -> MetricsServer | None:
+        if not port:
+            return None
+        bind = settings.SCOPE_METRICS_BIND
+        try:
+            server = MetricsServer(bind, port).start()
+        except (OSError, OverflowError) as exc:  # a port taken or out of range, an address not ours: see it at once
+            raise CommandError(f"cannot serve metrics on {bind} port {port}: {exc}") from exc
+        logger.info("metrics on http://%s:%s/metrics (allowed: %s)", bind, server.port, ",".join(settings.SCOPE_METRICS_ALLOW))
+        return server
 
     async def _serve(self, capacity: int) -> None:
         worker = MediaWorker(capacity=capacity)
