@@ -1,6 +1,6 @@
 """A real WebRTC client for tests: the signaling socket and an aiortc peer.
 
-It speaks the protocol of DESIGN.md exactly as a script user would: token in
+It speaks the protocol of docs/protocol.md exactly as a script user would: token in
 the handshake, the server's own Origin, JSON messages, a camera-like track of
 one solid colour, and a data channel named "parameters". Everything it does is
 bounded in time, and everything it starts is stopped on exit.

@@ -28,7 +28,7 @@ SWEEP = 1.0
 SILENCE_BOUND = 3 * HEARTBEAT + SWEEP
 IDLE = 3.0
 FAST_NETS = {"SCOPE_HEARTBEAT_SECONDS": HEARTBEAT, "SCOPE_SWEEP_SECONDS": SWEEP, "SCOPE_IDLE_TIMEOUT_SECONDS": IDLE}
-# Scheduling slack on a small, busy machine: the bound is the design's, the slack is the test's.
+# Scheduling slack on a small, busy machine: the bound is the documented one, the slack is the test's.
 SLACK = 3.0
 # The trail of a session whose worker died: nobody was left to record the teardown steps.
 LOST_TRAIL = ["created", "placed", "offered", "answered", "live", "closing", "closed"]

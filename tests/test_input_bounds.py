@@ -1,7 +1,7 @@
 """Bounded input: body size, JSON depth, ICE candidates per session, media sections.
 
 No client can make the server parse without bound, crash, or send STUN
-wherever it names. Each limit answers with a code (DESIGN.md, "Bounded input")
+wherever it names. Each limit answers with a code (docs/protocol.md, "Limits")
 and changes nothing.
 """
 

@@ -1,4 +1,4 @@
-"""Redis comes back, so does the service (DESIGN.md, "Under stress").
+"""Redis comes back, so does the service (docs/operations.md).
 
 Sessions in flight keep streaming through a Redis restart, and the first new
 session after Redis answers again streams within 5 s. Redis is stopped, left

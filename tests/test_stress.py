@@ -1,4 +1,4 @@
-"""Under stress: nothing stays dead, nobody hogs (DESIGN.md), against real processes.
+"""Under stress: nothing stays dead, nobody hogs (docs/design.md), against real processes.
 
 A worker frozen past the silence bound comes back and is used again; a socket
 that never offers gives its slot up; a queued socket hears of every freed
@@ -44,7 +44,7 @@ LIVENESS = {"SCOPE_HEARTBEAT_SECONDS": HEARTBEAT, "SCOPE_SWEEP_SECONDS": SWEEP}
 FROZEN_FOR = SILENCE_BOUND + 2.0
 OFFER_TIMEOUT = 3.0
 MAX_QUEUE = 200
-# Scheduling slack on a small, busy machine: the bound is the design's, the slack is the test's.
+# Scheduling slack on a small, busy machine: the bound is the documented one, the slack is the test's.
 SLACK = 3.0
 # For "within one heartbeat": tighter, or a miss by several heartbeats would pass unnoticed.
 BEAT_SLACK = 1.5

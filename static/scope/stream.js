@@ -15,7 +15,7 @@
   const PARAMETER_SEND_INTERVAL_MS = 100;
   const STATS_INTERVAL_MS = 1000;
 
-  // Codes that end a session (the design's close reasons, and refusals before one exists).
+  // Codes that end a session (the close reasons, and refusals before one exists).
   const ENDING_CODES = new Set([
     "CLIENT_DISCONNECT", "MAX_DURATION_EXCEEDED", "SESSION_TERMINATED", "PEER_CLOSED", "PEER_FAILED", "WORKER_LOST",
     "SERVER_SHUTDOWN", "IDLE_TIMEOUT", "SIGNALING_LOST", "ERROR", "UNAUTHORIZED", "NO_CAPACITY", "INVALID_SDP",
