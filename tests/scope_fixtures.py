@@ -129,12 +129,3 @@ def scope_prompt_update() -> dict[str, Any]:
 
 def scope_schema_field_update() -> dict[str, Any]:
     return copy.deepcopy(_SCHEMA_FIELD_UPDATE)
-
-
-# Plain constants too, for parametrize lists; treat them as read-only.
-SCOPE_INITIAL_PARAMETERS = _LONGLIVE_VIDEO
-SCOPE_INITIAL_PARAMETERS_BLUR = _BLUR_AGAINST_THIS_SERVER
-SCOPE_LOAD_REQUEST_BLUR = _BLUR_LOAD_REQUEST
-SCOPE_PAUSE_UPDATE = _PAUSE_UPDATE
-SCOPE_PROMPT_UPDATE = _PROMPT_UPDATE
-SCOPE_SCHEMA_FIELD_UPDATE = _SCHEMA_FIELD_UPDATE
