@@ -3,7 +3,7 @@
 No Django, no channel layer, no database, no signaling consumer: a WebSocket
 on 127.0.0.1 that answers offers, and the project's own ``FrameProcessor`` and
 ``PipelineTrack`` (same torch op, latest frame wins, one pipeline thread per
-device). What the benches measure here is what aiortc and torch cost by
+device, sessions batched by the same ``FrameBatcher`` and settings). What the benches measure here is what aiortc and torch cost by
 themselves, so each project figure can be given as a ratio to it.
 
 It speaks the subset of the signaling protocol the bench client uses
@@ -42,6 +42,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from media_pipeline.batching import FrameBatcher
 from media_pipeline.ice import enforce_ice_addresses
 from media_pipeline.pipelines import FrameProcessor, pick_device, validate_parameters
 from media_pipeline.tracks import PipelineTrack
@@ -68,6 +69,12 @@ class BareServer:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
     )
+    # Batched as the worker does, from the same settings (read from the environment: no Django here).
+    batcher: FrameBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = FrameBatcher(self.executor, window_seconds=float(os.environ.get("SCOPE_BATCH_WINDOW_MS", "2")) / 1000,
+                                    max_batch=int(os.environ.get("SCOPE_MAX_BATCH", "8")))
 
     async def open_peer(self, offer: dict[str, Any]) -> tuple[str, RTCSessionDescription]:
         pipeline, parameters = validate_parameters(offer.get("initialParameters"), default_pipeline="passthrough")
@@ -81,7 +88,7 @@ class BareServer:
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video" and peer.track is None:
                 peer.track = PipelineTrack(
-                    track, processor, self.executor, on_error=lambda _exc: self._close_soon(session_id)
+                    track, processor, self.batcher, on_error=lambda _exc: self._close_soon(session_id)
                 )
                 peer.pc.addTrack(peer.track)
 
@@ -163,6 +170,7 @@ async def main(port: int) -> None:
     async with serve(server.handle, HOST, port):
         await stop.wait()
     await asyncio.gather(*(server.close_peer(session_id) for session_id in list(server.peers)))
+    await server.batcher.stop()
     server.executor.shutdown(wait=False, cancel_futures=True)
 
 

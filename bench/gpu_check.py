@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from aiortc import VideoStreamTrack
 
+from media_pipeline.batching import FrameBatcher
 from media_pipeline.pipelines import FrameProcessor, available_pipelines
 from media_pipeline.tracks import PipelineTrack
 
@@ -42,6 +43,7 @@ BUILTINS = ("passthrough", "invert", "grayscale", "edges", "blur")
 WARMUP_FRAMES = 10
 THROUGHPUT_FRAMES = 200
 MIB = 1 << 20
+BATCH_WINDOW_SECONDS = 0.002  # the worker's default
 
 
 class Camera(VideoStreamTrack):
@@ -82,7 +84,8 @@ def throughput(name: str, device: torch.device, pixels: np.ndarray) -> dict[str,
     return {"fps": round(THROUGHPUT_FRAMES / elapsed, 1), "ms_per_frame": round(elapsed / THROUGHPUT_FRAMES * 1000, 3)}
 
 
-async def sessions(name: str, device: torch.device, pixels: np.ndarray, count: int, frames: int) -> dict[str, Any]:
+async def sessions(name: str, device: torch.device, pixels: np.ndarray, count: int, frames: int,
+                   max_batch: int) -> dict[str, Any]:
     """``count`` sessions of ``name`` at once, closed the worker's way; memory before, during, after."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{device}")
@@ -91,7 +94,8 @@ async def sessions(name: str, device: torch.device, pixels: np.ndarray, count: i
         torch.cuda.reset_peak_memory_stats(device)
     processors = [await loop.run_in_executor(executor, FrameProcessor, name, {}, device) for _ in range(count)]
     failures: list[BaseException] = []
-    tracks = [PipelineTrack(Camera(pixels), processor, executor, on_error=failures.append) for processor in processors]
+    batcher = FrameBatcher(executor, window_seconds=BATCH_WINDOW_SECONDS, max_batch=max_batch)
+    tracks = [PipelineTrack(Camera(pixels), processor, batcher, on_error=failures.append) for processor in processors]
 
     async def pull(track: PipelineTrack) -> float:
         start = time.perf_counter()
@@ -105,6 +109,7 @@ async def sessions(name: str, device: torch.device, pixels: np.ndarray, count: i
         track.stop()
     for processor in processors:
         await loop.run_in_executor(executor, processor.close)
+    await batcher.stop()
     executor.shutdown(wait=True)
     after = memory(device)
     result: dict[str, Any] = {
@@ -127,10 +132,12 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--max-batch", type=int, default=8, help="the worker's SCOPE_MAX_BATCH (1: no batching)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"bench": "gpu_check", "skipped": "no CUDA"}))
+        reason = "no CUDA: torch.cuda.is_available() is false (a CPU build of torch, or no GPU/driver); --device cpu checks the script"
+        print(json.dumps({"bench": "gpu_check", "skipped": "no CUDA", "why": reason}))
         return 0
     pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     names = [name for name in BUILTINS if name in available_pipelines()]
@@ -141,9 +148,10 @@ def main() -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "size": f"{SIZE}x{SIZE}",
+        "max_batch": args.max_batch,
         "memory_cold": cold,
         "throughput": {name: throughput(name, device, pixels) for name in names},
-        "sessions": {name: asyncio.run(sessions(name, device, pixels, args.sessions, args.frames)) for name in names},
+        "sessions": {name: asyncio.run(sessions(name, device, pixels, args.sessions, args.frames, args.max_batch)) for name in names},
     }
     returned = [session.get("returned_to_baseline", True) for session in result["sessions"].values()]
     result["memory_final"] = memory(device)

@@ -39,10 +39,17 @@ FRAMES_DROPPED = Counter(
 )
 # One frame's pass through its session's pipeline, conversions included: sub-millisecond (passthrough)
 # to a frame interval and beyond (a slow model).
+# A frame run in a batch of N observes 1/N of the batch's time, so the sum stays the frame thread's busy time.
 PIPELINE_SECONDS = Histogram(
-    "scope_pipeline_seconds", "Time to run one frame through its pipeline (on the worker's frame thread).",
+    "scope_pipeline_seconds",
+    "Time to run one frame through its pipeline (on the worker's frame thread; its share of a batch's).",
     ["pipeline"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.033, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+BATCH_FRAMES = Histogram(
+    "scope_pipeline_batch_frames", "Frames run in one forward pass (sessions batched together; 1: alone).",
+    ["pipeline"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16),
 )
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from sessions_app.services import FrameCounts, TeardownStep
 from sessions_app.session_files import remove_session_files, write_session_files
 from sessions_app.turn import ice_servers_for
 
+from .batching import FrameBatcher
 from .parameters import apply_update
 from .pipelines import FrameProcessor, ParameterError
 from .tracks import PipelineTrack
@@ -56,7 +56,7 @@ class PeerEvents:
 
 class SessionPeer:
     def __init__(self, *, session_id: str, pipeline: str, parameters: dict[str, Any], device: torch.device,
-                 frame_executor: Executor, events: PeerEvents) -> None:
+                 frame_batcher: FrameBatcher, events: PeerEvents) -> None:
         self.session_id = session_id
         # What the pipeline runs now; what the client asked for last (ahead of it while a rebuild runs).
         self.pipeline = pipeline
@@ -71,7 +71,7 @@ class SessionPeer:
         self.media_seen_at = time.monotonic()
         self.media_frames_seen = 0
         self._device = device
-        self._frame_executor = frame_executor
+        self._frame_batcher = frame_batcher
         self._events = events
         # TURN with the worker's own short-lived credentials, then the static servers (sessions_app/turn.py).
         ice_servers = [RTCIceServer(**server) for server in ice_servers_for(label="worker")]
@@ -116,7 +116,7 @@ class SessionPeer:
 
     def _on_track(self, track) -> None:
         if track.kind == "video" and self.track is None and self._processor is not None:
-            self.track = PipelineTrack(track, self._processor, self._frame_executor,
+            self.track = PipelineTrack(track, self._processor, self._frame_batcher,
                                        on_error=self._events.pipeline_failed)
             self._pc.addTrack(self.track)
 
@@ -230,8 +230,8 @@ class SessionPeer:
         except asyncio.TimeoutError:
             logger.warning("session %s: peer did not close within %ss", self.session_id, PEER_CLOSE_TIMEOUT_SECONDS)
             steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), {"timed_out": True}))
-        # On the frame thread: a frame of this session in flight there finishes first.
-        freed = await asyncio.get_running_loop().run_in_executor(self._frame_executor, self._stop_pipeline)
+        # On the frame thread: a batch holding this session's frame finishes first (its result is dropped).
+        freed = await asyncio.get_running_loop().run_in_executor(self._frame_batcher.executor, self._stop_pipeline)
         steps.append(TeardownStep(SessionEvent.Kind.PIPELINE_STOPPED, timezone.now(), freed))
         try:
             removed = await asyncio.to_thread(remove_session_files, self.files_dir)

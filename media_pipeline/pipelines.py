@@ -54,6 +54,10 @@ class Pipeline(torch.nn.Module):
     name: ClassVar[str]
     label: ClassVar[str]
     parameter_specs: ClassVar[tuple[ParameterSpec, ...]] = ()
+    # True when forward() treats the N frames of a batch independently, so sessions
+    # with the same parameters may share one call (media_pipeline/batching.py).
+    # Off by default: a plugin's forward may assume one frame.
+    batchable: ClassVar[bool] = False
 
     def __init__(self, **parameters: Any) -> None:
         super().__init__()
@@ -88,6 +92,7 @@ class PassthroughPipeline(Pipeline):
 
     name = "passthrough"
     label = "Passthrough"
+    batchable = True
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return frames
@@ -98,6 +103,7 @@ class InvertPipeline(Pipeline):
 
     name = "invert"
     label = "Invert colors"
+    batchable = True
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return 255 - frames
@@ -108,6 +114,7 @@ class GrayscalePipeline(Pipeline):
 
     name = "grayscale"
     label = "Grayscale"
+    batchable = True
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         # expand() is a view; whoever needs dense memory materializes it once.
@@ -119,6 +126,7 @@ class EdgesPipeline(Pipeline):
 
     name = "edges"
     label = "Edge detection"
+    batchable = True
     parameter_specs = (
         ParameterSpec("strength", "float", 1.0, minimum=0.1, maximum=10.0, label="Edge strength"),
     )
@@ -151,6 +159,7 @@ class BlurPipeline(Pipeline):
 
     name = "blur"
     label = "Blur"
+    batchable = True
     parameter_specs = (
         ParameterSpec("radius", "int", 2, minimum=0, maximum=15, label="Blur radius (pixels)"),
     )
@@ -307,6 +316,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _check_frame(rgb: np.ndarray) -> None:
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.dtype} {rgb.shape}")
+
+
 class FrameProcessor:
     """Runs one session's pipeline on one device. Called from a worker thread, never the event loop."""
 
@@ -329,15 +343,16 @@ class FrameProcessor:
             raise RuntimeError("frame processor is closed")
         return self._pipeline
 
-    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(rgb)
+    def _upload(self, rgbs: np.ndarray) -> torch.Tensor:
+        """``N x H x W x 3`` uint8 frames as an ``(N, 3, H, W)`` tensor on the device."""
+        host = torch.from_numpy(rgbs)
         if self._device.type == "cuda":
             if self._staging is None or self._staging.shape != host.shape:
                 self._staging = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
             self._staging.copy_(host)
-            # Safe to overwrite next frame: process() ends with a blocking copy back on the same stream.
+            # Safe to overwrite next frame: process_batch() ends with a blocking copy back on the same stream.
             host = self._staging.to(self._device, non_blocking=True)
-        return host.permute(2, 0, 1).unsqueeze(0)
+        return host.permute(0, 3, 1, 2)
 
     @property
     def name(self) -> str:
@@ -349,19 +364,40 @@ class FrameProcessor:
         """True while the session's pipeline leaves frames as they are."""
         return isinstance(self._pipeline, PassthroughPipeline)
 
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """What another session's processor must match to share a forward pass; None when it cannot batch.
+
+        Read without the lock (on the event loop, where the frame thread may hold it):
+        the pipeline and its values are each read once, and the frame thread checks
+        the key again before it runs a batch.
+        """
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.batchable or isinstance(pipeline, PassthroughPipeline):
+            return None
+        return (pipeline.name, tuple(sorted(dict(pipeline.values).items())))
+
     def process(self, rgb: np.ndarray) -> np.ndarray:
         """Run the pipeline on one ``H x W x 3`` uint8 RGB frame; returns a C-contiguous frame."""
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.dtype} {rgb.shape}")
+        _check_frame(rgb)
         with self._lock:
-            pipeline = self._open_pipeline()
-            if isinstance(pipeline, PassthroughPipeline):
+            if isinstance(self._open_pipeline(), PassthroughPipeline):
                 # Copies only when the decoder padded its rows.
                 return np.ascontiguousarray(rgb)
+        return self.process_batch([rgb])[0]
+
+    def process_batch(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run this processor's pipeline once over same-sized ``H x W x 3`` uint8 frames; C-contiguous frames back."""
+        for rgb in rgbs:
+            _check_frame(rgb)
+        # One frame needs no stacking copy, only a leading axis.
+        stacked = rgbs[0][np.newaxis] if len(rgbs) == 1 else np.stack(rgbs)
+        with self._lock:
+            pipeline = self._open_pipeline()
             with torch.inference_mode():
-                out = pipeline(self._upload(rgb))
+                out = pipeline(self._upload(stacked))
                 # Made dense on the device, so the copy back is one contiguous transfer.
-                return out[0].permute(1, 2, 0).contiguous().cpu().numpy()
+                frames = out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return list(frames)
 
     def set_parameters(self, pipeline: str, parameters: dict[str, Any]) -> None:
         """Switch to ``pipeline`` or, when it is the current one, update it in place.

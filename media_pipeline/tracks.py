@@ -2,16 +2,14 @@
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
-from prometheus_client import Histogram
 
 from . import metrics
+from .batching import FrameBatcher
 from .pipelines import FrameProcessor
 
 logger = logging.getLogger(__name__)
@@ -20,9 +18,11 @@ logger = logging.getLogger(__name__)
 class PipelineTrack(MediaStreamTrack):
     """Runs each incoming frame through a session's pipeline, latest frame wins.
 
-    A reader task keeps only the newest decoded frame; ``recv`` processes that
-    one on the pipeline thread. When the pipeline is slower than the camera,
-    older frames are dropped instead of queued, so latency stays bounded.
+    A reader task keeps only the newest decoded frame; ``recv`` hands that one
+    to the device's ``FrameBatcher``, which runs it on the frame thread (with
+    other sessions' frames where their pipeline and parameters match). When the
+    pipeline is slower than the camera, older frames are dropped instead of
+    queued, so latency stays bounded.
     """
 
     kind = "video"
@@ -31,22 +31,22 @@ class PipelineTrack(MediaStreamTrack):
         self,
         source: MediaStreamTrack,
         processor: FrameProcessor,
-        executor: Executor,
+        batcher: FrameBatcher,
         on_error: Callable[[BaseException], None],
     ) -> None:
         super().__init__()
         self._on_error = on_error
         self._source = source
         self._processor = processor
-        self._executor = executor
+        self._batcher = batcher
         self._latest: VideoFrame | None = None
         self._frame_ready = asyncio.Event()
         self._source_ended = False
+        # The frame handed to the batcher and not yet back: withdrawn if the track stops.
+        self._in_batcher: asyncio.Future[VideoFrame] | None = None
         self.frames_in = 0
         self.frames_out = 0
-        # The pipeline-time histogram's child for the pipeline last timed, rebound only when the session switches.
-        self._timed_pipeline: str | None = None
-        self._pipeline_seconds: Histogram | None = None
+        batcher.join(processor)
         self._reader = asyncio.create_task(self._read_source(), name=f"pipeline-reader-{self.id}")
 
     async def _read_source(self) -> None:
@@ -74,39 +74,25 @@ class PipelineTrack(MediaStreamTrack):
         if frame is None or self.readyState != "live":  # the source ended, or we were stopped
             self.stop()
             raise MediaStreamError
+        self._in_batcher = self._batcher.submit(self._processor, frame)
         try:
-            processed = await asyncio.get_running_loop().run_in_executor(self._executor, self._process, frame)
+            processed = await self._in_batcher
         except Exception as exc:
-            if self.readyState == "live":  # a failure during teardown is expected, not reported
+            if self.readyState == "live":  # a failure during teardown (withdrawn included) is expected
                 self._on_error(exc)
             self.stop()
             raise MediaStreamError from exc
+        finally:
+            self._in_batcher = None
         self.frames_out += 1
         metrics.FRAMES_OUT.inc()
         return processed
 
-    def _process(self, frame: VideoFrame) -> VideoFrame:
-        pipeline = self._processor.name
-        if pipeline != self._timed_pipeline or self._pipeline_seconds is None:
-            self._timed_pipeline = pipeline
-            self._pipeline_seconds = metrics.PIPELINE_SECONDS.labels(pipeline=pipeline)
-        started = time.perf_counter()
-        out = self._run_pipeline(frame)
-        self._pipeline_seconds.observe(time.perf_counter() - started)
-        return out
-
-    def _run_pipeline(self, frame: VideoFrame) -> VideoFrame:
-        if self._processor.is_passthrough:
-            # The decoded frame goes straight to the encoder: no RGB round trip.
-            return frame
-        rgb = frame.to_ndarray(format="rgb24")
-        out = VideoFrame.from_ndarray(self._processor.process(rgb), format="rgb24")
-        out.pts = frame.pts
-        out.time_base = frame.time_base
-        return out
-
     def stop(self) -> None:
         super().stop()
         self._frame_ready.set()  # wake a pending recv so it ends
+        if self._in_batcher is not None:
+            self._batcher.withdraw(self._in_batcher)  # its teardown does not wait for the batch
+        self._batcher.leave(self._processor)
         self._reader.cancel()
         self._source.stop()

@@ -38,6 +38,7 @@ from sessions_app.models import CloseReason
 from sessions_app.services import TeardownStep
 from sessions_app.session_files import remove_session_files
 
+from .batching import FrameBatcher
 from .peer import PeerEvents, SessionPeer
 from .pipelines import pick_device
 
@@ -69,6 +70,9 @@ class MediaWorker:
         self._loops: list[asyncio.Task] = []
         # Torch and codec work for every session on this device runs on this thread.
         self._pipeline_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
+        # Sessions running the same pipeline and parameters share forward passes on that thread.
+        self._frame_batcher = FrameBatcher(self._pipeline_executor, window_seconds=settings.SCOPE_BATCH_WINDOW_MS / 1000,
+                                           max_batch=settings.SCOPE_MAX_BATCH)
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "peer.offer": self.peer_offer,
             "peer.candidate": self.peer_candidate,
@@ -118,6 +122,7 @@ class MediaWorker:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, *retries, return_exceptions=True)
         self._loops, self._tasks = [], set()
+        await self._frame_batcher.stop()
         if self.worker_id is not None:
             await _db(services.worker_retire, worker_id=self.worker_id)
         self._pipeline_executor.shutdown(wait=False, cancel_futures=True)
@@ -195,7 +200,7 @@ class MediaWorker:
         session_id = message["session_id"]
         peer = SessionPeer(
             session_id=session_id, pipeline=message["pipeline"], parameters=message["parameters"],
-            device=self.device, frame_executor=self._pipeline_executor, events=self._events_for(session_id),
+            device=self.device, frame_batcher=self._frame_batcher, events=self._events_for(session_id),
         )
         async with self._lock(session_id):
             self._peers[session_id] = peer

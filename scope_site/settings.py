@@ -279,6 +279,12 @@ SCOPE_MAX_CANDIDATES_PER_SESSION = int(env_float("SCOPE_MAX_CANDIDATES_PER_SESSI
 # torch's intra-op threads on a CPU worker: the pipeline thread shares the cores
 # with the codec threads, and more threads made each op slower here, not faster.
 SCOPE_TORCH_THREADS = int(env_float("SCOPE_TORCH_THREADS", 1))
+# Sessions on one device running the same pipeline and parameters share a forward pass
+# (media_pipeline/batching.py): how long the first frame waits for others, and how many at most.
+SCOPE_BATCH_WINDOW_MS = env_float("SCOPE_BATCH_WINDOW_MS", 2)
+SCOPE_MAX_BATCH = int(env_float("SCOPE_MAX_BATCH", 8))
+if SCOPE_BATCH_WINDOW_MS < 0 or SCOPE_MAX_BATCH < 1:
+    raise ImproperlyConfigured("SCOPE_BATCH_WINDOW_MS must be >= 0 and SCOPE_MAX_BATCH >= 1")
 # Hand a received video frame to the decoder at its RTP marker bit rather than
 # at the next frame's first packet (media_pipeline/jitter.py): one frame less latency.
 SCOPE_RELEASE_ON_MARKER = env_bool("SCOPE_RELEASE_ON_MARKER", True)

@@ -311,19 +311,22 @@ class _Burst(MediaStreamTrack):
 async def test_frames_replaced_before_the_pipeline_took_them_count_as_dropped() -> None:
     from media_pipeline import metrics
     from media_pipeline.pipelines import FrameProcessor
+    from media_pipeline.batching import FrameBatcher
     from media_pipeline.tracks import PipelineTrack
 
     dropped_before = metrics.FRAMES_DROPPED._value.get()
     in_before, out_before = metrics.FRAMES_IN._value.get(), metrics.FRAMES_OUT._value.get()
     processor = FrameProcessor("passthrough", {}, torch.device("cpu"))
     with ThreadPoolExecutor(1) as executor:
-        track = PipelineTrack(_Burst(10), processor, executor, on_error=lambda exc: None)
+        batcher = FrameBatcher(executor, window_seconds=0.002, max_batch=8)
+        track = PipelineTrack(_Burst(10), processor, batcher, on_error=lambda exc: None)
         deadline = time.monotonic() + 5
         while track.frames_in < 10 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert track.frames_in == 10
         await track.recv()  # takes the newest: the 9 before it were replaced unseen
         track.stop()
+        await batcher.stop()
     assert metrics.FRAMES_DROPPED._value.get() - dropped_before == 9
     assert metrics.FRAMES_IN._value.get() - in_before == 10
     assert metrics.FRAMES_OUT._value.get() - out_before == 1

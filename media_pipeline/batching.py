@@ -1,0 +1,233 @@
+"""Cross-session batching: one forward pass for the latest frames of every session running the same pipeline.
+
+A media worker has one frame thread per device, shared by its sessions. When
+several sessions run the same pipeline with the same parameters on frames of
+the same size, running their frames as one ``(N, 3, H, W)`` batch costs one
+forward pass instead of N. ``FrameBatcher`` (one per device, owned by the
+worker) collects them: the first frame of a group opens a window of
+``window_seconds``; the group runs when the window ends, when it holds
+``max_batch`` frames, or as soon as every session that shares its key has a
+frame in it, so a session alone on its pipeline never waits. Each session
+still hands over only its newest frame (``PipelineTrack``: latest frame wins)
+and awaits its own future.
+
+Pipelines that cannot batch (``Pipeline.batchable`` false) and passthrough run
+one frame at a time, as before. A session that stops withdraws its pending
+frame: its future fails at once (``FrameWithdrawn``) and the others' batch
+goes on without it.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from av import VideoFrame
+from prometheus_client import Histogram
+
+from . import metrics
+from .pipelines import FrameProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class FrameWithdrawn(Exception):
+    """The session stopped while its frame waited for (or ran in) a batch."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    processor: FrameProcessor
+    frame: VideoFrame
+    future: asyncio.Future[VideoFrame]
+    # (pipeline key, height, width), or None: run on its own.
+    key: Hashable | None
+
+
+@dataclass
+class FrameBatcher:
+    """Runs sessions' frames on the device's frame thread (``executor``), batched where their pipelines allow."""
+
+    executor: Executor
+    window_seconds: float
+    max_batch: int
+    # Each session's processor → the key of its last frame: who could share a batch.
+    _members: dict[FrameProcessor, Hashable | None] = field(default_factory=dict)
+    _pending: dict[Hashable, list[_Entry]] = field(default_factory=dict)
+    _windows: dict[Hashable, asyncio.TimerHandle] = field(default_factory=dict)
+    _runs: set[asyncio.Task] = field(default_factory=set)
+    _stopped: bool = False
+    # Histogram children by pipeline name, bound once (the frame path never looks a label up).
+    _seconds: dict[str, Histogram] = field(default_factory=dict)
+    _sizes: dict[str, Histogram] = field(default_factory=dict)
+
+    # --- sessions ----------------------------------------------------------------
+
+    def join(self, processor: FrameProcessor) -> None:
+        self._members.setdefault(processor, None)
+
+    def leave(self, processor: FrameProcessor) -> None:
+        key = self._members.pop(processor, None)
+        if key is not None:
+            self._flush_if_complete(key)  # the others may have been waiting for this one
+
+    def submit(self, processor: FrameProcessor, frame: VideoFrame) -> asyncio.Future[VideoFrame]:
+        """Queue one session's frame; the future resolves to the processed frame."""
+        future: asyncio.Future[VideoFrame] = asyncio.get_running_loop().create_future()
+        if self._stopped:
+            future.set_exception(FrameWithdrawn())
+            return future
+        pipeline_key = processor.batch_key() if self.max_batch > 1 else None
+        key = None if pipeline_key is None else (pipeline_key, frame.height, frame.width)
+        entry = _Entry(processor, frame, future, key)
+        if key is None:
+            self._start([entry])
+            return future
+        self._members[processor] = key
+        group = self._pending.setdefault(key, [])
+        group.append(entry)
+        if not self._flush_if_complete(key) and key not in self._windows:
+            self._windows[key] = asyncio.get_running_loop().call_later(self.window_seconds, self._flush, key)
+        return future
+
+    def withdraw(self, future: asyncio.Future[VideoFrame]) -> None:
+        """The session stopped: fail its frame now, and let its batch go without it."""
+        if not future.done():
+            future.set_exception(FrameWithdrawn())
+        for key, group in list(self._pending.items()):
+            kept = [entry for entry in group if entry.future is not future]
+            if len(kept) != len(group):
+                self._pending[key] = kept
+                if kept:
+                    self._flush_if_complete(key)
+                else:
+                    self._drop_group(key)
+
+    async def stop(self) -> None:
+        """Fail every pending frame and cancel every run; later submissions fail at once. Idempotent."""
+        self._stopped = True
+        for key in list(self._pending):
+            for entry in self._pending[key]:
+                if not entry.future.done():
+                    entry.future.set_exception(FrameWithdrawn())
+            self._drop_group(key)
+        runs = list(self._runs)
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+
+    # --- grouping ------------------------------------------------------------------
+
+    def _flush_if_complete(self, key: Hashable) -> bool:
+        group = self._pending.get(key)
+        if not group:
+            return False
+        sharing = sum(1 for member_key in self._members.values() if member_key == key)
+        if len(group) >= self.max_batch or len(group) >= sharing:
+            self._flush(key)
+            return True
+        return False
+
+    def _flush(self, key: Hashable) -> None:
+        group = self._pending.get(key, [])
+        self._drop_group(key)
+        if group:
+            self._start(group)
+
+    def _drop_group(self, key: Hashable) -> None:
+        self._pending.pop(key, None)
+        window = self._windows.pop(key, None)
+        if window is not None:
+            window.cancel()
+
+    def _start(self, entries: list[_Entry]) -> None:
+        run = asyncio.get_running_loop().create_task(self._run(entries), name="frame-batch")
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+
+    async def _run(self, entries: list[_Entry]) -> None:
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._process, entries)
+        except asyncio.CancelledError:  # stopped: nobody waits past the stop
+            self._settle(entries, [FrameWithdrawn() for _ in entries])
+            raise
+        except RuntimeError as exc:  # the executor is shut down
+            outcomes = [exc for _ in entries]
+        self._settle(entries, outcomes)
+
+    @staticmethod
+    def _settle(entries: list[_Entry], outcomes: list[VideoFrame | BaseException]) -> None:
+        for entry, outcome in zip(entries, outcomes):
+            if entry.future.done():  # withdrawn, or its recv was cancelled
+                continue
+            if isinstance(outcome, BaseException):
+                entry.future.set_exception(outcome)
+            else:
+                entry.future.set_result(outcome)
+
+    # --- on the frame thread ---------------------------------------------------------
+
+    def _process(self, entries: list[_Entry]) -> list[VideoFrame | BaseException]:
+        """Run ``entries`` (withdrawn ones skipped): one forward per group whose key still holds, else one each."""
+        outcomes: list[VideoFrame | BaseException] = [FrameWithdrawn() for _ in entries]
+        groups: dict[Hashable, list[int]] = {}
+        for index, entry in enumerate(entries):
+            if entry.future.done():
+                continue
+            # Re-read here: a parameter change since submission must not run with the others' parameters.
+            key = entry.processor.batch_key() if entry.key is not None else None
+            if key is None or key != entry.key[0]:
+                outcomes[index] = self._one(entry)
+            else:
+                groups.setdefault(entry.key, []).append(index)
+        for indexes in groups.values():
+            for index, outcome in zip(indexes, self._batch([entries[i] for i in indexes])):
+                outcomes[index] = outcome
+        return outcomes
+
+    def _one(self, entry: _Entry) -> VideoFrame | BaseException:
+        processor, frame = entry.processor, entry.frame
+        started = time.perf_counter()
+        try:
+            if processor.is_passthrough:
+                out = frame  # straight to the encoder: no RGB round trip
+            else:
+                out = _with_timing(VideoFrame.from_ndarray(processor.process(frame.to_ndarray(format="rgb24")),
+                                                           format="rgb24"), frame)
+        except Exception as exc:
+            return exc
+        self._observe(processor.name, time.perf_counter() - started, 1)
+        return out
+
+    def _batch(self, entries: list[_Entry]) -> list[VideoFrame | BaseException]:
+        # Same key: same pipeline class and parameters, so the first session's module serves them all.
+        lead = entries[0].processor
+        started = time.perf_counter()
+        try:
+            rgbs = lead.process_batch([entry.frame.to_ndarray(format="rgb24") for entry in entries])
+            outs: list[VideoFrame | BaseException] = [
+                _with_timing(VideoFrame.from_ndarray(rgb, format="rgb24"), entry.frame)
+                for rgb, entry in zip(rgbs, entries)
+            ]
+        except Exception as exc:
+            return [exc for _ in entries]
+        self._observe(lead.name, time.perf_counter() - started, len(entries))
+        return outs
+
+    def _observe(self, pipeline: str, seconds: float, frames: int) -> None:
+        """Each frame of a batch of N observes 1/N of its time: the histogram's sum stays the thread's busy time."""
+        child = self._seconds.get(pipeline)
+        if child is None:
+            child = self._seconds[pipeline] = metrics.PIPELINE_SECONDS.labels(pipeline=pipeline)
+            self._sizes[pipeline] = metrics.BATCH_FRAMES.labels(pipeline=pipeline)
+        for _ in range(frames):
+            child.observe(seconds / frames)
+        self._sizes[pipeline].observe(frames)
+
+
+def _with_timing(out: VideoFrame, source: VideoFrame) -> VideoFrame:
+    out.pts = source.pts
+    out.time_base = source.time_base
+    return out

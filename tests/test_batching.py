@@ -1,0 +1,279 @@
+"""Cross-session batching (media_pipeline/batching.py): unit tests of FrameBatcher, and two real sessions sharing passes."""
+
+import asyncio
+import fractions
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from media_pipeline.batching import FrameBatcher, FrameWithdrawn
+from media_pipeline.pipelines import FrameProcessor, InvertPipeline, ParameterSpec, Pipeline
+from media_pipeline.tracks import PipelineTrack
+from tests.harness import start_embedded
+from tests.peer import ScopeClient
+from tests.test_lifecycle import close_to, connect_and_stream
+from tests.test_metrics import scrape, value
+
+WINDOW = 0.05  # long enough that a test sees what waits in it
+
+
+class SpyPipeline(Pipeline):
+    """Inverts, and records the batch size of every forward call (and can be held mid-call)."""
+
+    name = "spy"
+    label = "Spy"
+    batchable = True
+    parameter_specs = (ParameterSpec("level", "int", 0, minimum=0, maximum=10),)
+    calls: list[int] = []
+    gate: threading.Event | None = None
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        SpyPipeline.calls.append(frames.shape[0])
+        if SpyPipeline.gate is not None:
+            SpyPipeline.gate.wait(5)
+        return 255 - frames
+
+
+class SpyUnbatchable(SpyPipeline):
+    name = "spy_single"
+    batchable = False
+
+
+@pytest.fixture(autouse=True)
+def spies() -> Iterator[None]:
+    registry = {"spy": SpyPipeline, "spy_single": SpyUnbatchable, "invert": InvertPipeline}
+    SpyPipeline.calls = []
+    SpyPipeline.gate = None
+    with mock.patch("media_pipeline.pipelines.available_pipelines", return_value=registry):
+        yield
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1, thread_name_prefix="pipeline-test") as pool:
+        yield pool
+
+
+def processor(name: str = "spy", **parameters: Any) -> FrameProcessor:
+    return FrameProcessor(name, parameters, torch.device("cpu"))
+
+
+def frame(value: int, size: int = 32) -> VideoFrame:
+    out = VideoFrame.from_ndarray(np.full((size, size, 3), value, dtype=np.uint8), format="rgb24")
+    out.pts, out.time_base = value, fractions.Fraction(1, 90000)
+    return out
+
+
+def level(out: VideoFrame) -> int:
+    return int(out.to_ndarray(format="rgb24")[0, 0, 0])
+
+
+class Burst(MediaStreamTrack):
+    """A source that hands out ``count`` 16×16 frames (pts 0, 1, …) as fast as they are asked for, then ends."""
+
+    kind = "video"
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self._sent = 0
+        self._count = count
+
+    async def recv(self) -> VideoFrame:
+        if self._sent == self._count:
+            raise MediaStreamError
+        self._sent += 1
+        await asyncio.sleep(0)
+        return frame(self._sent - 1, size=16)
+
+
+def sharing(batcher: FrameBatcher, *members: FrameProcessor, size: int = 32) -> None:
+    """Join ``members`` as if each had already sent a ``size``² frame of spy at level 0 (a session's
+    first frame is what tells the batcher whom it may wait for)."""
+    for member in members:
+        batcher.join(member)
+        batcher._members[member] = (("spy", (("level", 0),)), size, size)
+
+
+async def test_two_sessions_frames_run_as_one_forward(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b = processor(), processor()
+    sharing(batcher, a, b)
+    results = await asyncio.gather(batcher.submit(a, frame(10)), batcher.submit(b, frame(20)))
+    assert SpyPipeline.calls == [2]
+    assert [level(out) for out in results] == [245, 235], "each session gets its own frame back"
+    assert [out.pts for out in results] == [10, 20]
+    await batcher.stop()
+
+
+async def test_a_full_group_runs_before_its_window_ends(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=5.0, max_batch=8)
+    a, b = processor(), processor()
+    sharing(batcher, a, b)
+    started = time.monotonic()
+    await asyncio.gather(batcher.submit(a, frame(1)), batcher.submit(b, frame(2)))
+    assert time.monotonic() - started < 1.0, "both sharing sessions were in: no reason to wait"
+    assert SpyPipeline.calls == [2]
+    await batcher.stop()
+
+
+async def test_a_session_alone_on_its_pipeline_does_not_wait(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=5.0, max_batch=8)
+    a, other = processor(), processor("invert")
+    batcher.join(a), batcher.join(other)
+    started = time.monotonic()
+    await batcher.submit(a, frame(1))
+    assert time.monotonic() - started < 1.0
+    await batcher.stop()
+
+
+async def test_the_window_bounds_the_wait_for_a_session_that_sends_nothing(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b, silent = processor(), processor(), processor()
+    sharing(batcher, a, b, silent)
+    started = time.monotonic()
+    await asyncio.gather(batcher.submit(a, frame(3)), batcher.submit(b, frame(4)))
+    waited = time.monotonic() - started
+    assert WINDOW * 0.8 <= waited < WINDOW + 0.5, f"waited {waited:.3f}s for a window of {WINDOW}s"
+    assert SpyPipeline.calls == [2]
+    await batcher.stop()
+
+
+async def test_max_batch_caps_a_forward(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=2)
+    members = [processor() for _ in range(3)]
+    sharing(batcher, *members)
+    await asyncio.gather(*(batcher.submit(member, frame(i)) for i, member in enumerate(members)))
+    assert sorted(SpyPipeline.calls) == [1, 2]
+    await batcher.stop()
+
+
+async def test_different_parameters_pipelines_or_sizes_are_not_batched(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    base, other_level, small = processor(level=0), processor(level=3), processor(level=0)
+    single_a, single_b = processor("spy_single"), processor("spy_single")
+    for member in (base, other_level, small, single_a, single_b):
+        batcher.join(member)
+    await asyncio.gather(
+        batcher.submit(base, frame(1)), batcher.submit(other_level, frame(2)), batcher.submit(small, frame(3, size=16)),
+        batcher.submit(single_a, frame(4)), batcher.submit(single_b, frame(5)),
+    )
+    assert SpyPipeline.calls == [1, 1, 1, 1, 1]
+    await batcher.stop()
+
+
+async def test_a_parameter_change_after_submission_leaves_the_batch(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b, c = processor(), processor(), processor()
+    sharing(batcher, a, b, c)  # c sends nothing: a and b wait out the window
+    pending = [batcher.submit(a, frame(1)), batcher.submit(b, frame(2))]
+    b.set_parameters("spy", {"level": 5})
+    await asyncio.gather(*pending)
+    assert sorted(SpyPipeline.calls) == [1, 1]
+    await batcher.stop()
+
+
+async def test_a_closed_sessions_pending_frame_is_dropped_without_holding_the_others(
+    executor: ThreadPoolExecutor,
+) -> None:
+    batcher = FrameBatcher(executor, window_seconds=5.0, max_batch=8)
+    a, b, c = processor(), processor(), processor()
+    sharing(batcher, a, b, c)
+    kept = [batcher.submit(a, frame(1)), batcher.submit(b, frame(2))]
+    await asyncio.sleep(0.01)
+    assert not any(future.done() for future in kept), "waiting for c, the third sharing session"
+    batcher.leave(c)  # c's session closes before sending: a and b no longer wait for it
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*kept), 1.0)
+    assert time.monotonic() - started < 1.0
+    assert SpyPipeline.calls == [2]
+
+    withdrawn = batcher.submit(a, frame(3))
+    other = batcher.submit(b, frame(4))
+    # Both were in, so they run; withdraw one before the frame thread reaches it.
+    batcher.withdraw(withdrawn)
+    with pytest.raises(FrameWithdrawn):
+        await withdrawn
+    await asyncio.wait_for(other, 1.0)
+    assert SpyPipeline.calls == [2, 1], "the withdrawn frame never reached the pipeline"
+    await batcher.stop()
+
+
+async def test_a_withdrawn_frame_in_a_running_batch_fails_at_once(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b = processor(), processor()
+    sharing(batcher, a, b)
+    SpyPipeline.gate = threading.Event()
+    futures = [batcher.submit(a, frame(1)), batcher.submit(b, frame(2))]
+    while not SpyPipeline.calls:  # the batch is in the forward, held there
+        await asyncio.sleep(0.005)
+    batcher.withdraw(futures[0])
+    with pytest.raises(FrameWithdrawn):
+        await asyncio.wait_for(futures[0], 0.5)  # teardown is not held by the running forward
+    SpyPipeline.gate.set()
+    assert level(await asyncio.wait_for(futures[1], 5)) == 253
+    await batcher.stop()
+
+
+async def test_latest_frame_wins_per_session_while_a_batch_runs(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    members = [processor(), processor()]
+    tracks = [PipelineTrack(Burst(10), member, batcher, on_error=pytest.fail) for member in members]
+    sharing(batcher, *members, size=16)
+    deadline = time.monotonic() + 5
+    while any(track.frames_in < 10 for track in tracks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    outs = await asyncio.gather(*(track.recv() for track in tracks))
+    assert [out.pts for out in outs] == [9, 9], "each session's newest frame, the 9 before it dropped"
+    assert SpyPipeline.calls == [2]
+    assert [track.frames_out for track in tracks] == [1, 1]
+    for track in tracks:
+        track.stop()
+    await batcher.stop()
+
+
+async def test_stop_fails_pending_frames_and_later_ones(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=5.0, max_batch=8)
+    a, b = processor(), processor()
+    sharing(batcher, a, b)
+    pending = batcher.submit(a, frame(1))
+    await batcher.stop()
+    with pytest.raises(FrameWithdrawn):
+        await pending
+    with pytest.raises(FrameWithdrawn):
+        await batcher.submit(a, frame(2))
+    assert SpyPipeline.calls == []
+
+
+# --- a real server: two clients on invert -----------------------------------------------------------
+
+
+SENT = (200, 60, 20)
+INVERTED = tuple(255 - c for c in SENT)
+
+
+async def test_two_real_sessions_on_invert_share_passes_and_both_stream_inverted(tmp_path) -> None:
+    # A window longer than a frame interval pairs the two cameras' frames, so sharing is certain.
+    with start_embedded(tmp_path, SCOPE_BATCH_WINDOW_MS=40) as server:
+        async with ScopeClient() as first, ScopeClient() as second:
+            peers = await asyncio.gather(
+                connect_and_stream(first, server, "alice", pipeline="invert", color=SENT),
+                connect_and_stream(second, server, "bob", pipeline="invert", color=SENT),
+            )
+            for peer in peers:
+                frames = await peer.wait_frames(30)
+                assert close_to(frames[-1][1], INVERTED), f"expected inverted {INVERTED}, got {frames[-1][1]}"
+            samples = await asyncio.to_thread(scrape, server, "staff")
+        batches = value(samples, "scope_pipeline_batch_frames_count", pipeline="invert")
+        frames_run = value(samples, "scope_pipeline_batch_frames_sum", pipeline="invert")
+        assert batches and frames_run > batches, f"no batch held two frames ({frames_run} frames in {batches})"
+        assert value(samples, "scope_pipeline_seconds_count", pipeline="invert") == frames_run
