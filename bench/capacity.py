@@ -9,18 +9,25 @@ the step before. The client runs on the same machine and its own encoding and
 decoding count against the same CPUs, so on a small machine this is the
 capacity of server and client together: compare the ratio, not the count.
 
+``--pin`` runs every server process on core 0 and the client on core 1, so
+the client's load no longer takes the server's CPU (on a 2-core machine the
+count is then one core's). ``--runs N`` repeats the whole measurement N times,
+the targets alternating within each run, and reports every run's capacities and
+ratio and their spread: a ratio means something only if it holds from run to run.
+
 Usage: .venv/bin/python -m bench.capacity [--targets embedded,bare] [--pipeline invert] [--max-sessions 16]
-       [--seconds 5] [--min-fps 15]
+       [--seconds 5] [--min-fps 15] [--runs 1] [--pin]
 """
 
 import argparse
 import asyncio
 import statistics
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 from bench.client import BenchClient, BenchPeer, observe, streaming
-from bench.common import Server, emit, on_each, target_list
+from bench.common import Server, emit, on_each, pin_client, spread, target_list
 
 WARMUP_SECONDS = 2.0
 
@@ -32,7 +39,10 @@ def main() -> None:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--min-fps", type=float, default=15.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--pin", action="store_true", help="servers on core 0, the client on core 1")
     args = parser.parse_args()
+    pinning = pin_client() if args.pin else None
 
     async def ramp(server: Server) -> list[dict[str, Any]]:
         steps: list[dict[str, Any]] = []
@@ -53,11 +63,13 @@ def main() -> None:
                     break
         return steps
 
-    by_target = on_each(args.targets, ramp, SCOPE_WORKER_CAPACITY=args.max_sessions)
-    capacity = {
-        target: max((step["sessions"] for step in steps if step["min_fps"] >= args.min_fps), default=0)
-        for target, steps in by_target.items()
-    }
+    runs = []
+    for _ in range(args.runs):
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        by_target = on_each(args.targets, ramp, pin=args.pin, SCOPE_WORKER_CAPACITY=args.max_sessions)
+        runs.append({"started": started, **_capacities(by_target, args.min_fps)})
+    capacities = {target: [run["capacity"][target] for run in runs] for target in args.targets}
+    ratios = {target: [run["ratio_to_bare"][target] for run in runs] for target in runs[0]["ratio_to_bare"]}
     emit({
         "bench": "capacity",
         "size": "512x512",
@@ -65,15 +77,29 @@ def main() -> None:
         "pipeline": args.pipeline,
         "min_fps": args.min_fps,
         "max_sessions": args.max_sessions,
+        "pinned": pinning,
+        "runs": runs,
+        "capacity_spread": {target: spread(values) for target, values in capacities.items()},
+        "ratio_to_bare_spread": {target: spread(values) for target, values in ratios.items()},
+    })
+
+
+def _capacities(by_target: dict[str, list[dict[str, Any]]], min_fps: float) -> dict[str, Any]:
+    """One run: each target's capacity (the last step where every session held ``min_fps``) and ratio to bare."""
+    capacity = {
+        target: max((step["sessions"] for step in steps if step["min_fps"] >= min_fps), default=0)
+        for target, steps in by_target.items()
+    }
+    return {
         "capacity": capacity,
         # True: every step held, so the capacity is at least --max-sessions.
-        "reached_max_sessions": {target: steps[-1]["min_fps"] >= args.min_fps for target, steps in by_target.items()},
+        "reached_max_sessions": {target: steps[-1]["min_fps"] >= min_fps for target, steps in by_target.items()},
         "ratio_to_bare": {
             target: round(count / capacity["bare"], 2) if capacity.get("bare") else None
             for target, count in capacity.items() if target != "bare"
         },
         "steps": by_target,
-    })
+    }
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -45,6 +45,10 @@ LOOPBACK = "127.0.0.1"
 # Holds the dist-info that registers the ``bench_slow`` pipeline (bench.slow_pipeline) by entry point.
 PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"
 BARE_START_TIMEOUT = 60.0
+# With pinning, servers (every process of a target) run on one core and the bench's client on
+# another, so neither's load moves the other's figure (they shared both cores before).
+SERVER_CPUS = frozenset({0})
+CLIENT_CPUS = frozenset({1})
 
 
 # --- figures --------------------------------------------------------------------
@@ -105,6 +109,14 @@ def figures(results: dict[str, list[dict[str, float | None]]], **options: Any) -
         )
         for key in keys
     }
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """A figure repeated over runs: every value, and their min, median and max (None values left out)."""
+    known = [value for value in values if value is not None]
+    if not known:
+        return {"values": values}
+    return {"values": values, "min": min(known), "median": statistics.median(known), "max": max(known)}
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -233,10 +245,44 @@ def serve(target: Target, tmp_path: Path, **env: Any) -> Iterator[Server]:
         yield server
 
 
-def on_each(targets: list[Target], run: Callable[[Server], Awaitable[T]], **env: Any) -> dict[str, T]:
-    """Start each target in turn, run ``run`` against it, stop it; results by target."""
+@contextmanager
+def _started_on(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Processes started meanwhile inherit ``cpus`` (as under ``taskset -c``), and so do the processes they start."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def server_pid(server: Server) -> int:
+    return server.process.pid if isinstance(server, BareHandle) else server.web_process.pid
+
+
+def pin_client() -> dict[str, list[int]]:
+    """Pin this process (the bench's client and the threads it starts from here on) to CLIENT_CPUS."""
+    os.sched_setaffinity(0, CLIENT_CPUS)
+    return {"server_cpus": sorted(SERVER_CPUS), "client_cpus": sorted(CLIENT_CPUS)}
+
+
+def on_each(targets: list[Target], run: Callable[[Server], Awaitable[T]], *, pin: bool = False,
+            **env: Any) -> dict[str, T]:
+    """Start each target in turn, run ``run`` against it, stop it; results by target.
+
+    ``pin``: the target's processes are started on SERVER_CPUS (checked on the running
+    server); the caller pins the client with ``pin_client()``.
+    """
     results: dict[str, T] = {}
     for target in targets:
-        with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp, serve(target, Path(tmp), **env) as server:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{target}-"))
+            with _started_on(SERVER_CPUS if pin else None):
+                server = stack.enter_context(serve(target, Path(tmp), **env))
+            if pin and os.sched_getaffinity(server_pid(server)) != SERVER_CPUS:
+                raise RuntimeError(f"{target} runs on cores {sorted(os.sched_getaffinity(server_pid(server)))}")
             results[target] = asyncio.run(run(server))
     return results

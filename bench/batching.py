@@ -1,0 +1,102 @@
+"""Batching: throughput and latency of a model-like pipeline, batched across sessions and not.
+
+Against the embedded server, twice per run: batched (the worker's defaults,
+``SCOPE_MAX_BATCH`` 8, ``SCOPE_BATCH_WINDOW_MS`` 2) and unbatched
+(``SCOPE_MAX_BATCH=1``: every frame on its own, as before batching). In each,
+``--sessions`` steps (default 4, then 8) of 512×512 sessions on ``--pipeline``
+(default ``bench_unet``, bench/unet_pipeline.py) stream the 30 fps indexed
+camera; after a warm-up, over ``--seconds``: throughput (frames per second
+received over all sessions), each session's fps, and glass-to-glass latency
+of every frame, p50 and p99 pooled over the sessions and the worst session's
+p99. The check: batching must not buy throughput with latency, batched p99 ≤
+unbatched p99 + one window. ``--runs`` repeats it all (modes alternating);
+``--pin`` puts the server on core 0 and the client on core 1.
+
+Usage: .venv/bin/python -m bench.batching [--sessions 4,8] [--seconds 8] [--runs 3] [--pin]
+"""
+
+import argparse
+import asyncio
+import statistics
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from bench.client import BenchClient, BenchPeer, observe, streaming
+from bench.common import Server, emit, on_each, pin_client, spread, summary
+
+WARMUP_SECONDS = 3.0
+WINDOW_MS = 2.0
+MODES = {"batched": {"SCOPE_MAX_BATCH": 8}, "unbatched": {"SCOPE_MAX_BATCH": 1}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default="bench_unet")
+    parser.add_argument("--sessions", default="4,8", help="comma-separated session counts, ascending")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--pin", action="store_true", help="the server on core 0, the client on core 1")
+    args = parser.parse_args()
+    steps = sorted(int(count) for count in args.sessions.split(","))
+    pinning = pin_client() if args.pin else None
+
+    async def measure(server: Server) -> dict[str, Any]:
+        by_sessions: dict[str, Any] = {}
+        peers: list[BenchPeer] = []
+        async with AsyncExitStack() as stack:
+            for count in steps:
+                while len(peers) < count:
+                    client = await stack.enter_async_context(BenchClient())
+                    peers.append(await streaming(client, server, args.pipeline))
+                await asyncio.sleep(WARMUP_SECONDS)
+                window = await observe(peers, args.seconds)
+                start = time.monotonic() - args.seconds
+                per_session_p99 = [
+                    summary(latencies)["p99"] for peer in peers if (latencies := peer.latencies_ms(start, time.monotonic()))
+                ]
+                by_sessions[str(count)] = {
+                    "throughput_fps": round(sum(window.fps), 1),
+                    "fps_per_session": [round(fps, 1) for fps in window.fps],
+                    "latency_ms": summary(window.latency_ms),
+                    "worst_session_p99_ms": max(per_session_p99, default=None),
+                    "readable": window.readable,
+                }
+        return by_sessions
+
+    runs = []
+    for _ in range(args.runs):
+        run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for mode, env in MODES.items():
+            run[mode] = on_each(["embedded"], measure, pin=args.pin, SCOPE_WORKER_CAPACITY=max(steps),
+                                SCOPE_BATCH_WINDOW_MS=WINDOW_MS, **env)["embedded"]
+        run["checks"] = {
+            count: _check(run["batched"][count], run["unbatched"][count]) for count in run["batched"]
+        }
+        runs.append(run)
+    emit({
+        "bench": "batching",
+        "target": "embedded",
+        "size": "512x512",
+        "camera_fps": 30,
+        "pipeline": args.pipeline,
+        "window_ms": WINDOW_MS,
+        "pinned": pinning,
+        "runs": runs,
+        "throughput_gain_spread": {
+            count: spread([run["checks"][count]["throughput_gain"] for run in runs]) for count in runs[0]["checks"]
+        },
+    })
+
+
+def _check(batched: dict[str, Any], unbatched: dict[str, Any]) -> dict[str, Any]:
+    p99_batched, p99_unbatched = batched["latency_ms"]["p99"], unbatched["latency_ms"]["p99"]
+    return {
+        "throughput_gain": round(batched["throughput_fps"] / unbatched["throughput_fps"], 2),
+        "p99_batched_minus_unbatched_ms": round(p99_batched - p99_unbatched, 1),
+        "p99_within_one_window": p99_batched <= p99_unbatched + WINDOW_MS,
+    }
+
+
+if __name__ == "__main__":
+    main()
