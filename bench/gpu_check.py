@@ -14,7 +14,12 @@ the way the media worker does.
   is read before the sessions open, while they run, and after they closed;
   ``returned_to_baseline`` means both are back to their values before.
 
-Without CUDA it prints ``{"skipped": "no CUDA"}`` and exits 0; ``--device cpu``
+- ``batching``: frames per second of ``FrameProcessor.process_batch`` on
+  ``bench_unet`` (bench/unet_pipeline.py, a small U-Net), one frame per call
+  against ``--max-batch`` frames per call: what batching sessions buys on this
+  device.
+
+Without CUDA it prints ``{"skipped": "no CUDA", "why": ...}`` and exits 0; ``--device cpu``
 runs the same code on the CPU (no memory figures) to check the script itself.
 Exits 1 when memory did not return to baseline.
 
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,9 +40,12 @@ import numpy as np
 import torch
 from aiortc import VideoStreamTrack
 
-from media_pipeline.batching import FrameBatcher
-from media_pipeline.pipelines import FrameProcessor, available_pipelines
-from media_pipeline.tracks import PipelineTrack
+# bench_unet is registered by the benches' own entry point, found on the path (bench/plugins).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
+
+from media_pipeline.batching import FrameBatcher  # noqa: E402
+from media_pipeline.pipelines import FrameProcessor, available_pipelines  # noqa: E402
+from media_pipeline.tracks import PipelineTrack  # noqa: E402
 
 SIZE = 512
 BUILTINS = ("passthrough", "invert", "grayscale", "edges", "blur")
@@ -44,6 +53,7 @@ WARMUP_FRAMES = 10
 THROUGHPUT_FRAMES = 200
 MIB = 1 << 20
 BATCH_WINDOW_SECONDS = 0.002  # the worker's default
+MODEL = "bench_unet"
 
 
 class Camera(VideoStreamTrack):
@@ -82,6 +92,28 @@ def throughput(name: str, device: torch.device, pixels: np.ndarray) -> dict[str,
     finally:
         processor.close()
     return {"fps": round(THROUGHPUT_FRAMES / elapsed, 1), "ms_per_frame": round(elapsed / THROUGHPUT_FRAMES * 1000, 3)}
+
+
+def batch_throughput(name: str, device: torch.device, pixels: np.ndarray, max_batch: int) -> dict[str, Any]:
+    """Frames per second through ``name`` one frame per forward, and ``max_batch`` frames per forward."""
+    processor = FrameProcessor(name, {}, device)
+    by_batch: dict[str, Any] = {}
+    try:
+        for batch in (1, max_batch):
+            frames = [pixels] * batch
+            calls = max(1, THROUGHPUT_FRAMES // 10 // batch)  # a model is slower than the built-ins
+            for _ in range(2):
+                processor.process_batch(frames)
+            start = time.perf_counter()
+            for _ in range(calls):
+                processor.process_batch(frames)  # ends with a blocking copy back
+            elapsed = time.perf_counter() - start
+            by_batch[str(batch)] = {"fps": round(calls * batch / elapsed, 1),
+                                    "ms_per_forward": round(elapsed / calls * 1000, 2)}
+    finally:
+        processor.close()
+    by_batch["gain"] = round(by_batch[str(max_batch)]["fps"] / by_batch["1"]["fps"], 2)
+    return by_batch
 
 
 async def sessions(name: str, device: torch.device, pixels: np.ndarray, count: int, frames: int,
@@ -152,6 +184,7 @@ def main() -> int:
         "memory_cold": cold,
         "throughput": {name: throughput(name, device, pixels) for name in names},
         "sessions": {name: asyncio.run(sessions(name, device, pixels, args.sessions, args.frames, args.max_batch)) for name in names},
+        "batching": {MODEL: batch_throughput(MODEL, device, pixels, args.max_batch)},
     }
     returned = [session.get("returned_to_baseline", True) for session in result["sessions"].values()]
     result["memory_final"] = memory(device)
