@@ -13,12 +13,14 @@ if [[ "${1:-}" == "--smoke" ]]; then
   setup=(--cycles 3)
   media=(--sessions 2 --seconds 2 --pipelines passthrough,edges --slow-seconds 5)
   teardown=(--cycles 2)
-  capacity=(--max-sessions 3 --seconds 2)
+  capacity=(--max-sessions 3 --seconds 2 --pin)
+  batching=(--sessions 1,2 --seconds 2 --pin)
   churn=(--cycles 20 --checkpoint 10)
   gpu_check=(--frames 10)
   marker_off=(--targets embedded,bare --sessions 1 --seconds 2 --pipelines passthrough --slow-seconds 5)
 else
-  setup=(--cycles 30) media=() teardown=(--cycles 30) capacity=() churn=() gpu_check=()
+  setup=(--cycles 30) media=() teardown=(--cycles 30) capacity=(--runs 3 --pin) batching=(--runs 3 --pin)
+  churn=() gpu_check=()
   marker_off=(--targets embedded,bare --sessions 1 --seconds 20 --pipelines passthrough,invert --slow-seconds 10)
 fi
 
@@ -41,6 +43,7 @@ run media media "${media[@]}"
 SCOPE_RELEASE_ON_MARKER=0 run media_marker_off media "${marker_off[@]}"
 run teardown teardown "${teardown[@]}"
 run capacity capacity "${capacity[@]}"
+run batching batching "${batching[@]}"
 run churn churn "${churn[@]}"
 run gpu_check gpu_check "${gpu_check[@]}"
 exit $status
