@@ -264,8 +264,9 @@ def server_pid(server: Server) -> int:
 
 
 def pin_client() -> dict[str, list[int]]:
-    """Pin this process (the bench's client and the threads it starts from here on) to CLIENT_CPUS."""
-    os.sched_setaffinity(0, CLIENT_CPUS)
+    """Pin this process, every thread it has (some start at import) and those it starts later, to CLIENT_CPUS."""
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), CLIENT_CPUS)
     return {"server_cpus": sorted(SERVER_CPUS), "client_cpus": sorted(CLIENT_CPUS)}
 
 
