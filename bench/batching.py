@@ -17,7 +17,6 @@ Usage: .venv/bin/python -m bench.batching [--sessions 4,8] [--seconds 8] [--runs
 
 import argparse
 import asyncio
-import statistics
 import time
 from contextlib import AsyncExitStack
 from typing import Any

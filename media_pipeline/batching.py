@@ -18,7 +18,6 @@ goes on without it.
 """
 
 import asyncio
-import logging
 import time
 from collections.abc import Hashable
 from concurrent.futures import Executor
@@ -29,8 +28,6 @@ from prometheus_client import Histogram
 
 from . import metrics
 from .pipelines import FrameProcessor
-
-logger = logging.getLogger(__name__)
 
 
 class FrameWithdrawn(Exception):

@@ -1,7 +1,6 @@
 """The processed video track a worker sends back to the client."""
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from aiortc import MediaStreamTrack
@@ -11,8 +10,6 @@ from av import VideoFrame
 from . import metrics
 from .batching import FrameBatcher
 from .pipelines import FrameProcessor
-
-logger = logging.getLogger(__name__)
 
 
 class PipelineTrack(MediaStreamTrack):
