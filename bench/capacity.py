@@ -66,7 +66,8 @@ def main() -> None:
     runs = []
     for _ in range(args.runs):
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        by_target = on_each(args.targets, ramp, pin=args.pin, SCOPE_WORKER_CAPACITY=args.max_sessions)
+        by_target = on_each(args.targets, ramp, pin=args.pin, SCOPE_WORKER_CAPACITY=args.max_sessions,
+                            SCOPE_MAX_SESSIONS_PER_USER=args.max_sessions)  # every bench session is alice's
         runs.append({"started": started, **_capacities(by_target, args.min_fps)})
     capacities = {target: [run["capacity"][target] for run in runs] for target in args.targets}
     ratios = {target: [run["ratio_to_bare"][target] for run in runs] for target in runs[0]["ratio_to_bare"]}
