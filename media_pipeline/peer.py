@@ -32,6 +32,7 @@ from sessions_app.session_files import remove_session_files, write_session_files
 from sessions_app.turn import ice_servers_for
 
 from .batching import FrameBatcher
+from .owned_tasks import OwnedTasks
 from .parameters import apply_update
 from .pipelines import FrameProcessor, ParameterError
 from .tracks import PipelineTrack
@@ -84,7 +85,7 @@ class SessionPeer:
         self._record_wanted = False
         self._recording = False
         self._close_task: asyncio.Task[list[TeardownStep]] | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = OwnedTasks(logger)
 
     def frame_counts(self) -> FrameCounts:
         if self.track is None:
@@ -122,17 +123,8 @@ class SessionPeer:
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         self.data_channel = channel
-        channel.on("message", lambda data: self._spawn(self._channel_parameters(channel, data)))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("session %s: peer task failed", self.session_id, exc_info=task.exception())
+        channel.on("message", lambda data: self._tasks.spawn(self._channel_parameters(channel, data),
+                                                           f"datachannel-{self.session_id}"))
 
     # --- candidates and parameters ---------------------------------------------
 
@@ -222,7 +214,7 @@ class SessionPeer:
         await self._send_stream_stopped(reason)
         if self.track is not None:
             self.track.stop()
-        for task in list(self._tasks):
+        for task in self._tasks:
             task.cancel()
         try:
             await asyncio.wait_for(self._pc.close(), PEER_CLOSE_TIMEOUT_SECONDS)

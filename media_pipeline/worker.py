@@ -39,6 +39,7 @@ from sessions_app.services import TeardownStep
 from sessions_app.session_files import remove_session_files
 
 from .batching import FrameBatcher
+from .owned_tasks import OwnedTasks
 from .peer import PeerEvents, SessionPeer
 from .pipelines import pick_device
 
@@ -66,7 +67,7 @@ class MediaWorker:
         # Each session's max-duration timer: the worker enforces deadlines itself.
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._session_locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = OwnedTasks(logger)
         self._loops: list[asyncio.Task] = []
         # Torch and codec work for every session on this device runs on this thread.
         self._pipeline_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
@@ -121,22 +122,11 @@ class MediaWorker:
         for task in [*self._loops, *self._tasks, *retries]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, *retries, return_exceptions=True)
-        self._loops, self._tasks = [], set()
+        self._loops = []
         await self._frame_batcher.stop()
         if self.worker_id is not None:
             await _db(services.worker_retire, worker_id=self.worker_id)
         self._pipeline_executor.shutdown(wait=False, cancel_futures=True)
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _receive_loop(self) -> None:
         while True:
@@ -148,7 +138,7 @@ class MediaWorker:
                 continue
             # Each message runs on its own task so a slow negotiation never
             # holds up another session's close; per-session locks keep order.
-            self._spawn(handler(message), f"{message['type']}-{message.get('session_id', '')}")
+            self._tasks.spawn(handler(message), f"{message['type']}-{message.get('session_id', '')}")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -170,7 +160,7 @@ class MediaWorker:
                     peer.media_frames_seen, peer.media_seen_at = frames_in, now
                 elif not peer.closing and now - peer.media_seen_at > idle_after:
                     peer.media_seen_at = now  # one close request per idle period
-                    self._spawn(self._close_for(peer.session_id, CloseReason.IDLE_TIMEOUT, "idle"),
+                    self._tasks.spawn(self._close_for(peer.session_id, CloseReason.IDLE_TIMEOUT, "idle"),
                                 f"idle-{peer.session_id}")
 
     async def _report(self) -> None:
@@ -189,7 +179,7 @@ class MediaWorker:
             if peer is not None and not peer.closing:
                 logger.warning("session %s is closed (%s) but this worker still held its peer: dropping it",
                                session_id, reason)
-                self._spawn(self._teardown(session_id, reason), f"drop-{session_id}")
+                self._tasks.spawn(self._teardown(session_id, reason), f"drop-{session_id}")
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())
@@ -254,7 +244,7 @@ class MediaWorker:
                 pass  # the session is closing: nothing left to record
 
         return PeerEvents(
-            connection_state=lambda state: self._spawn(self._connection_state_changed(session_id, state),
+            connection_state=lambda state: self._tasks.spawn(self._connection_state_changed(session_id, state),
                                                        f"state-{session_id}"),
             pipeline_failed=lambda exc: self._pipeline_failed(session_id, exc),
             parameters_applied=parameters_applied,
@@ -266,7 +256,7 @@ class MediaWorker:
             return
         delay = max(0.0, (deadline_at - timezone.now()).total_seconds())
         self._deadlines[session_id] = asyncio.get_running_loop().call_later(
-            delay, lambda: self._spawn(self._close_for(session_id, CloseReason.MAX_DURATION_EXCEEDED, "deadline"),
+            delay, lambda: self._tasks.spawn(self._close_for(session_id, CloseReason.MAX_DURATION_EXCEEDED, "deadline"),
                                        f"deadline-{session_id}")
         )
 
@@ -276,7 +266,7 @@ class MediaWorker:
     def _pipeline_failed(self, session_id: str, exc: BaseException) -> None:
         peer = self._peers.get(session_id)
         logger.error("session %s: pipeline %s failed", session_id, peer.pipeline if peer else "?", exc_info=exc)
-        self._spawn(self._close_for(session_id, CloseReason.ERROR, "pipeline"), f"error-{session_id}")
+        self._tasks.spawn(self._close_for(session_id, CloseReason.ERROR, "pipeline"), f"error-{session_id}")
 
     async def _connection_state_changed(self, session_id: str, state: str) -> None:
         peer = self._peers.get(session_id)
@@ -326,7 +316,7 @@ class MediaWorker:
                 steps = await peer.close(reason)
                 frames = peer.frame_counts()
             await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
-        failed = next((step for step in steps if step.detail.get("failed")), None)
+        failed = services.failed_cleanup(steps)
         if failed is not None:
             give_up_at = time.time() + settings.SCOPE_CLEANUP_GIVE_UP_SECONDS
             self._retry_cleanup(session_id, failed.detail["files_dir"], give_up_at)

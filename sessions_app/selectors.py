@@ -195,7 +195,9 @@ def sessions_awaiting_cleanup() -> list[PendingCleanup]:
     """Closing sessions whose files their worker could not remove yet."""
     return [
         PendingCleanup(str(session_id), detail["files_dir"], worker_id, host, closing_at)
-        for session_id, detail, worker_id, host, closing_at in _failed_cleanups().values_list("session_id", "detail", "session__worker_id", "session__worker__host", "session__closing_at")
+        for session_id, detail, worker_id, host, closing_at in _failed_cleanups().values_list(
+            "session_id", "detail", "session__worker_id", "session__worker__host", "session__closing_at"
+        )
     ]
 
 

@@ -507,6 +507,11 @@ class TeardownStep:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def failed_cleanup(steps: list[TeardownStep]) -> TeardownStep | None:
+    """The teardown's ``cleaned_up`` step if removing the files failed (its detail names the directory)."""
+    return next((step for step in steps if step.detail.get("failed")), None)
+
+
 @transaction.atomic
 def session_closed(
     *, session_id: str, steps: list[TeardownStep], frames: FrameCounts | None = None
@@ -527,8 +532,7 @@ def session_closed(
     if frames is not None:
         session.frames_in = frames.frames_in
         session.frames_out = frames.frames_out
-    failed_cleanup = next((step for step in steps if step.detail.get("failed")), None)
-    if failed_cleanup is None:
+    if failed_cleanup(steps) is None:
         _finish_close(session)
     else:
         session.save(update_fields=["frames_in", "frames_out"])
