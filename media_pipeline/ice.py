@@ -17,6 +17,8 @@ import logging
 from collections.abc import Iterable
 
 import aioice.ice
+from aiortc import RTCPeerConnection
+from aiortc.sdp import candidate_from_sdp
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +98,19 @@ async def _add_remote_candidate_if_enforced(self, remote_candidate) -> None:
 def _add_resolved_remote_candidate_if_allowed(self, remote_candidate, network_host: str) -> None:
     if address_allowed(network_host):
         _original_add_resolved_remote_candidate(self, remote_candidate, network_host)
+
+
+async def add_remote_candidate(pc: RTCPeerConnection, raw: dict | None, *, owner: str) -> None:
+    """A trickled remote candidate (None or an empty one: the end of candidates); a malformed one is ignored."""
+    if raw is None or not raw.get("candidate"):
+        await pc.addIceCandidate(None)
+        return
+    try:
+        candidate = candidate_from_sdp(raw["candidate"].removeprefix("candidate:"))
+        candidate.sdpMid = raw.get("sdpMid")
+        candidate.sdpMLineIndex = raw.get("sdpMLineIndex")
+        if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
+            candidate.sdpMLineIndex = 0
+        await pc.addIceCandidate(candidate)
+    except (AssertionError, ValueError, IndexError) as exc:
+        logger.info("%s: ignored a malformed ICE candidate: %s", owner, exc)

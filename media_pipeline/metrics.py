@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from django.conf import settings
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, disable_created_metrics, generate_latest,
+    CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -51,6 +51,13 @@ BATCH_FRAMES = Histogram(
     ["pipeline"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16),
 )
+
+# WHEP: each processed frame is encoded once per codec its session's viewers use, whatever their number.
+VIEWER_FRAMES_ENCODED = Counter(
+    "scope_viewer_frames_encoded", "Processed frames encoded for a session's WHEP viewers (once for all of them).",
+    ["codec"],
+)
+VIEWERS = Gauge("scope_viewers", "WHEP viewers' peers held by this process.")
 
 
 class GpuMemoryCollector(Collector):

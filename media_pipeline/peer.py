@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.sdp import candidate_from_sdp
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 from django.conf import settings
 from django.utils import timezone
 
@@ -32,6 +33,8 @@ from sessions_app.session_files import remove_session_files, write_session_files
 from sessions_app.turn import ice_servers_for
 
 from .batching import FrameBatcher
+from .broadcast import SessionBroadcast
+from .ice import add_remote_candidate
 from .owned_tasks import OwnedTasks
 from .parameters import apply_update
 from .pipelines import FrameProcessor, ParameterError
@@ -53,6 +56,8 @@ class PeerEvents:
     pipeline_failed: Callable[[BaseException], None]
     # The pipeline now runs these (pipeline, parameters), changed over the data channel: to record.
     parameters_applied: Callable[[str, dict[str, Any]], Awaitable[None]]
+    # A WHEP viewer's peer ended on its side (viewer id, why): to record.
+    viewer_gone: Callable[[str, str], None]
 
 
 class SessionPeer:
@@ -68,6 +73,7 @@ class SessionPeer:
         self.data_channel: RTCDataChannel | None = None
         # Set once the close begins: nothing more is answered, applied or reported.
         self.closing = False
+        self._returns_video = True
         # When inbound media last moved (monotonic clock), and the count it moved to.
         self.media_seen_at = time.monotonic()
         self.media_frames_seen = 0
@@ -86,6 +92,8 @@ class SessionPeer:
         self._recording = False
         self._close_task: asyncio.Task[list[TeardownStep]] | None = None
         self._tasks = OwnedTasks(logger)
+        # The processed video for WHEP viewers, encoded once for all of them.
+        self.broadcast = SessionBroadcast(session_id=session_id, viewer_gone=events.viewer_gone)
 
     def frame_counts(self) -> FrameCounts:
         if self.track is None:
@@ -102,6 +110,8 @@ class SessionPeer:
             "offer.sdp": sdp,
             "parameters.json": json.dumps({"pipeline": self.pipeline, **self.parameters}),
         })
+        # A publisher (WHIP's sendonly offer) wants no video back: its output goes to viewers only.
+        self._returns_video = _wants_video_back(sdp)
         pc = self._pc
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -113,13 +123,25 @@ class SessionPeer:
         if self.track is None:
             raise ScopeError(errors.INVALID_SDP, "The offer sends no video.")
         await pc.setLocalDescription(await pc.createAnswer())
+        if not self._returns_video:
+            # No sender pulls the processed track: this does, so the pipeline runs for the viewers.
+            self._tasks.spawn(self._pull_output(self.track), f"output-{self.session_id}")
         return pc.localDescription
 
     def _on_track(self, track) -> None:
         if track.kind == "video" and self.track is None and self._processor is not None:
             self.track = PipelineTrack(track, self._processor, self._frame_batcher,
-                                       on_error=self._events.pipeline_failed)
-            self._pc.addTrack(self.track)
+                                       on_error=self._events.pipeline_failed, on_processed=self.broadcast.offer_frame)
+            if self._returns_video:
+                self._pc.addTrack(self.track)
+
+    @staticmethod
+    async def _pull_output(track: PipelineTrack) -> None:
+        try:
+            while True:
+                await track.recv()
+        except MediaStreamError:
+            pass
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         self.data_channel = channel
@@ -132,18 +154,7 @@ class SessionPeer:
         """A trickled remote candidate (None or an empty one: the end of candidates); a malformed one is ignored."""
         if self.closing:
             return
-        if raw is None or not raw.get("candidate"):
-            await self._pc.addIceCandidate(None)
-            return
-        try:
-            candidate = candidate_from_sdp(raw["candidate"].removeprefix("candidate:"))
-            candidate.sdpMid = raw.get("sdpMid")
-            candidate.sdpMLineIndex = raw.get("sdpMLineIndex")
-            if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
-                candidate.sdpMLineIndex = 0
-            await self._pc.addIceCandidate(candidate)
-        except (AssertionError, ValueError, IndexError) as exc:
-            logger.info("session %s: ignored a malformed ICE candidate: %s", self.session_id, exc)
+        await add_remote_candidate(self._pc, raw, owner=f"session {self.session_id}")
 
     async def apply_parameters(self, pipeline: str, parameters: dict[str, Any]) -> bool:
         """Have the pipeline run these; False if a later update will be applied in their place.
@@ -216,12 +227,17 @@ class SessionPeer:
             self.track.stop()
         for task in self._tasks:
             task.cancel()
+        # The viewers' peers close beside the client's, within the same bound.
+        viewers = asyncio.ensure_future(self.broadcast.close())
+        detail: dict[str, Any] = {}
         try:
             await asyncio.wait_for(self._pc.close(), PEER_CLOSE_TIMEOUT_SECONDS)
-            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now()))
         except asyncio.TimeoutError:
             logger.warning("session %s: peer did not close within %ss", self.session_id, PEER_CLOSE_TIMEOUT_SECONDS)
-            steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), {"timed_out": True}))
+            detail["timed_out"] = True
+        if viewer_count := await viewers:
+            detail["viewers"] = viewer_count
+        steps.append(TeardownStep(SessionEvent.Kind.PEER_CLOSED, timezone.now(), detail))
         # On the frame thread: a batch holding this session's frame finishes first (its result is dropped).
         freed = await asyncio.get_running_loop().run_in_executor(self._frame_batcher.executor, self._stop_pipeline)
         steps.append(TeardownStep(SessionEvent.Kind.PIPELINE_STOPPED, timezone.now(), freed))
@@ -257,3 +273,13 @@ class SessionPeer:
         if device.type != "cuda":
             return {"device": str(device)}
         return {"device": str(device), "gpu_bytes_freed": before - torch.cuda.memory_allocated(device)}
+
+
+def _wants_video_back(sdp: str) -> bool:
+    """False when the offer's video only sends (a WHIP publisher); the offer has been validated already."""
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception:  # the parser raises many kinds; setRemoteDescription reports it
+        return True
+    return any(media.kind == "video" and media.direction in ("sendrecv", "recvonly", None)
+               for media in description.media)

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Final, Literal
@@ -301,6 +302,36 @@ def _chosen_pipeline(raw: dict[str, Any], pipelines: dict[str, type[Pipeline]], 
     if not isinstance(name, str) or name not in pipelines:
         raise _invalid(f"'pipeline' must be one of: {', '.join(sorted(pipelines))}")
     return name
+
+
+def parameters_from_text(raw: Mapping[str, str], *, default_pipeline: str) -> dict[str, Any]:
+    """Parameters given as text (a WHIP URL's query), each one the chosen pipeline knows read as its kind.
+
+    The result goes through ``validate_parameters`` like any client's; keys no
+    pipeline uses stay text, to be ignored and recorded.
+    """
+    typed: dict[str, Any] = dict(raw)
+    specs = available_pipelines()[_chosen_pipeline(typed, available_pipelines(), default_pipeline)].parameter_specs
+    for spec in specs:
+        if spec.name in raw:
+            typed[spec.name] = _from_text(spec, raw[spec.name])
+    return typed
+
+
+def _from_text(spec: ParameterSpec, text: str) -> Any:
+    if spec.kind == "choice":
+        return text
+    if spec.kind == "bool":
+        words = {"true": True, "1": True, "on": True, "yes": True, "false": False, "0": False, "off": False,
+                 "no": False}
+        if text.lower() not in words:
+            raise _invalid(f"{spec.name!r} must be true or false, not {text!r}")
+        return words[text.lower()]
+    try:
+        return int(text) if spec.kind == "int" else float(text)
+    except ValueError:
+        raise _invalid(f"{spec.name!r} must be {'an integer' if spec.kind == 'int' else 'a number'}, "
+                       f"not {text!r}") from None
 
 
 def ignored_parameters(raw: Any, *, pipeline: str) -> list[str]:

@@ -30,9 +30,12 @@ class PipelineTrack(MediaStreamTrack):
         processor: FrameProcessor,
         batcher: FrameBatcher,
         on_error: Callable[[BaseException], None],
+        on_processed: Callable[[VideoFrame], None],
     ) -> None:
         super().__init__()
         self._on_error = on_error
+        # Each processed frame also goes here (the session's WHEP viewers).
+        self._on_processed = on_processed
         self._source = source
         self._processor = processor
         self._batcher = batcher
@@ -83,6 +86,7 @@ class PipelineTrack(MediaStreamTrack):
             self._in_batcher = None
         self.frames_out += 1
         metrics.FRAMES_OUT.inc()
+        self._on_processed(processed)
         return processed
 
     def stop(self) -> None:

@@ -22,7 +22,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from sessions_app import services
+from sessions_app import errors, services
 from sessions_app.db_lanes import liveness_db
 from sessions_app.errors import ScopeError
 from sessions_app.messages import (
@@ -31,6 +31,9 @@ from sessions_app.messages import (
     PeerClose,
     PeerOffer,
     PeerParameters,
+    PeerUnview,
+    PeerView,
+    PeerViewCandidate,
     SignalingAnswer,
     SignalingError,
 )
@@ -80,6 +83,9 @@ class MediaWorker:
             "peer.parameters": self.peer_parameters,
             "peer.close": self.peer_close,
             "peer.cleanup": self.peer_cleanup,
+            "peer.view": self.peer_view,
+            "peer.view_candidate": self.peer_view_candidate,
+            "peer.unview": self.peer_unview,
         }
         # Retries of session files this worker could not remove, by session.
         self._cleanup_retries: dict[str, asyncio.Task] = {}
@@ -226,7 +232,7 @@ class MediaWorker:
             if deadline_at is not None:
                 self._arm_deadline(session_id, deadline_at)
 
-    async def _reply(self, offer: PeerOffer, reply: SignalingAnswer | SignalingError) -> bool:
+    async def _reply(self, offer: PeerOffer | PeerView, reply: SignalingAnswer | SignalingError) -> bool:
         """Send the offer's reply; False if the channel layer could not (the client will never hear it)."""
         try:
             await self.channel_layer.send(offer["reply_channel"], reply)
@@ -248,6 +254,8 @@ class MediaWorker:
                                                        f"state-{session_id}"),
             pipeline_failed=lambda exc: self._pipeline_failed(session_id, exc),
             parameters_applied=parameters_applied,
+            viewer_gone=lambda viewer_id, why: self._tasks.spawn(
+                self._viewer_left(session_id, viewer_id, why), f"viewer-left-{viewer_id}"),
         )
 
     def _arm_deadline(self, session_id: str, deadline_at: datetime) -> None:
@@ -294,6 +302,48 @@ class MediaWorker:
             return
         parameters = dict(message["parameters"])
         await peer.apply_parameters(parameters.pop("pipeline", peer.pipeline), parameters)
+
+    # --- peer.view / peer.view_candidate / peer.unview: WHEP viewers ------------
+
+    async def peer_view(self, message: PeerView) -> None:
+        session_id, viewer_id = message["session_id"], message["viewer_id"]
+        peer = self._peers.get(session_id)
+        try:
+            if peer is None or peer.closing:
+                raise ScopeError(errors.UNKNOWN_SESSION, f"Session {session_id} has ended.")
+            answer = await asyncio.wait_for(peer.broadcast.add_viewer(viewer_id=viewer_id, sdp=message["sdp"]),
+                                            settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
+        except Exception as exc:
+            code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
+            if not isinstance(exc, ScopeError):
+                logger.exception("session %s: viewer %s's negotiation failed", session_id, viewer_id)
+            error: SignalingError = {"type": "signaling.error", "session_id": session_id, "code": code, "error": text,
+                                     "request_id": viewer_id}
+            await self._reply(message, error)
+            await self._viewer_left(session_id, viewer_id, "negotiation_failed")
+            return
+        reply: SignalingAnswer = {"type": "signaling.answer", "session_id": session_id, "sdp": answer.sdp,
+                                  "sdp_type": answer.type, "request_id": viewer_id}
+        if not await self._reply(message, reply):
+            await peer.broadcast.remove_viewer(viewer_id)
+            await self._viewer_left(session_id, viewer_id, "answer_undeliverable")
+
+    async def peer_view_candidate(self, message: PeerViewCandidate) -> None:
+        peer = self._peers.get(message["session_id"])
+        if peer is not None:
+            await peer.broadcast.add_candidate(viewer_id=message["viewer_id"], raw=message["candidate"])
+
+    async def peer_unview(self, message: PeerUnview) -> None:
+        peer = self._peers.get(message["session_id"])
+        if peer is not None:
+            await peer.broadcast.remove_viewer(message["viewer_id"])
+
+    async def _viewer_left(self, session_id: str, viewer_id: str, reason: str) -> None:
+        try:
+            await _db(services.viewer_leave, session_id=session_id, viewer_id=viewer_id, reason=reason,
+                      notify_worker=False)
+        except ScopeError:
+            pass  # the session is gone: its close recorded its viewers
 
     # --- peer.close --------------------------------------------------------
 

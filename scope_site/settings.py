@@ -276,6 +276,8 @@ SCOPE_ICE_ENFORCE_LIST = env_list("SCOPE_ICE_ENFORCE_LIST", [])
 SCOPE_ICE_DENY_LIST = env_networks("SCOPE_ICE_DENY_LIST", ["0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "ff00::/8"])
 # Remote ICE candidates one session may name over its life, its offer's included.
 SCOPE_MAX_CANDIDATES_PER_SESSION = int(env_float("SCOPE_MAX_CANDIDATES_PER_SESSION", 32))
+# WHEP viewers of one session's processed video at a time.
+SCOPE_MAX_VIEWERS = int(env_float("SCOPE_MAX_VIEWERS", 8))
 # torch's intra-op threads on a CPU worker: the pipeline thread shares the cores
 # with the codec threads, and more threads made each op slower here, not faster.
 SCOPE_TORCH_THREADS = int(env_float("SCOPE_TORCH_THREADS", 1))

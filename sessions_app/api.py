@@ -1,8 +1,5 @@
 """REST API: HTTP signaling and operator reads. Writes go through ``services``, reads through ``selectors``."""
 
-
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -18,13 +15,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from media_pipeline.pipelines import available_pipelines, ignored_parameters, validate_parameters
+from media_pipeline.pipelines import available_pipelines
 
-from . import channels_util, errors, limits, selectors, services
-from .api_errors import NegotiationTimeout
+from . import errors, http_signaling, selectors, services
 from .errors import ScopeError
-from .messages import session_group
-from .models import CloseReason, StreamSession
+from .models import StreamSession
 from .sdp import validate_offer
 from .serializers import (
     AnswerSerializer,
@@ -112,37 +107,12 @@ class OfferViewSet(viewsets.ViewSet):
         body = OfferInputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         sdp = validate_offer(sdp=body.validated_data["sdp"], sdp_type=body.validated_data["type"])
-        initial = body.validated_data.get("initialParameters") or {}
-        pipeline, parameters = validate_parameters(initial, default_pipeline=settings.SCOPE_DEFAULT_PIPELINE)
-        limits.check_offer(user=request.user, address=request.META.get("REMOTE_ADDR"))
-        session = services.session_create_placed(owner=request.user)
-        session_id = str(session.pk)
-        timeout = settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS
-        try:
-            reply_channel = async_to_sync(get_channel_layer().new_channel)()
-            services.session_offer(
-                session_id=session_id,
-                pipeline=pipeline,
-                parameters=parameters,
-                ignored_parameters=ignored_parameters(initial, pipeline=pipeline),
-                sdp=sdp,
-                sdp_type="offer",
-                reply_channel=reply_channel,
-                request_id=None,
-            )
-            reply = async_to_sync(channels_util.receive_within)(channel=reply_channel, timeout=timeout)
-        except Exception:
-            # The session holds a worker slot: it must not outlive the request that failed.
-            services.session_close(session_id=session_id, reason=CloseReason.ERROR, by="api:offer-failed")
-            raise
-        if reply is None:
-            services.session_close(session_id=session_id, reason=CloseReason.ERROR, by="api:negotiation-timeout")
-            raise NegotiationTimeout(f"The media worker did not answer within {timeout:g} s.")
-        if reply["type"] != "signaling.answer":
-            # The worker has already closed the session it could not answer.
-            raise ScopeError(reply["code"], reply["error"])
+        session_id, answer = http_signaling.answer_offer(
+            user=request.user, address=request.META.get("REMOTE_ADDR"), sdp=sdp,
+            initial=body.validated_data.get("initialParameters") or {}, by="api",
+        )
         return Response(
-            {"sdp": reply["sdp"], "type": reply["sdp_type"], "sessionId": session_id},
+            {"sdp": answer["sdp"], "type": answer["sdp_type"], "sessionId": session_id},
             # 200, not 201: Scope's clients expect its own server's status.
             status=status.HTTP_200_OK,
             headers={"Location": reverse("webrtc-offer-detail", kwargs={"pk": session_id})},
@@ -158,31 +128,13 @@ class OfferViewSet(viewsets.ViewSet):
 
     def destroy(self, request: Request, pk: str) -> Response:
         session = selectors.session_for_user(session_id=pk, user=request.user)
-        if session.state == StreamSession.State.CLOSED:
-            return Response(status=status.HTTP_204_NO_CONTENT)
-        session_id = str(session.pk)
-        layer = get_channel_layer()
-        listener = async_to_sync(layer.new_channel)()
-        # Joined before closing, so a close finished at once (no peer yet) is still heard.
-        async_to_sync(layer.group_add)(session_group(session_id), listener)
-        try:
-            services.session_close(
-                session_id=session_id, reason=CloseReason.SESSION_TERMINATED, by=f"api:{request.user.username}"
-            )
-            # A session that never got an offer is closed by the call itself; any other
-            # is closed once its worker reports the teardown done (session.ended).
-            if session.state == StreamSession.State.WAITING or async_to_sync(channels_util.receive_within)(
-                channel=listener, timeout=settings.SCOPE_CLOSE_WAIT_SECONDS
-            ):
-                return Response(status=status.HTTP_204_NO_CONTENT)
-            session = selectors.session_for_user(session_id=session_id, user=request.user)
-        finally:
-            async_to_sync(layer.group_discard)(session_group(session_id), listener)
-        if session.state == StreamSession.State.CLOSED:
+        still_closing = http_signaling.close_and_confirm(session=session, user=request.user,
+                                                         by=f"api:{request.user.username}")
+        if still_closing is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
         # Decision: the close is under way but unconfirmed within the bound, so
         # 202, not an error: the sweep re-sends the close and finishes it.
-        return Response(StreamSessionDetailSerializer(session).data, status=status.HTTP_202_ACCEPTED)
+        return Response(StreamSessionDetailSerializer(still_closing).data, status=status.HTTP_202_ACCEPTED)
 
 
 @extend_schema_view(

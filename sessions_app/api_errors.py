@@ -31,6 +31,7 @@ STATUS_BY_CODE = {
     "SERVER_SHUTDOWN": status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 UPSTREAM_FAILURE_STATUS = status.HTTP_502_BAD_GATEWAY
+NO_CAPACITY_RETRY_AFTER_SECONDS = 5
 
 
 class NegotiationTimeout(ScopeError):
@@ -73,7 +74,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         return _error(errors.INVALID_MESSAGE, str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ScopeError):
         status_code = getattr(exc, "status_code", None) or STATUS_BY_CODE.get(exc.code, UPSTREAM_FAILURE_STATUS)
-        return _error(exc.code, exc.message, status_code)
+        # A slot or a viewer's place frees as sessions end: worth asking again soon.
+        headers = {"Retry-After": str(NO_CAPACITY_RETRY_AFTER_SECONDS)} if exc.code == errors.NO_CAPACITY else None
+        return _error(exc.code, exc.message, status_code, headers)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(*exc.args)
     elif isinstance(exc, DjangoPermissionDenied):

@@ -4,7 +4,7 @@ from django.urls import re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from . import api, scope_compat
+from . import api, scope_compat, whip
 
 
 class OptionalSlashRouter(SimpleRouter):
@@ -30,6 +30,12 @@ urlpatterns = [
     re_path(r"^hardware/info/?$", scope_compat.HardwareInfoView.as_view(), name="scope-hardware-info"),
     re_path(r"^input-sources/?$", scope_compat.InputSourcesView.as_view(), name="scope-input-sources"),
     re_path(r"^cloud/status/?$", scope_compat.CloudStatusView.as_view(), name="scope-cloud-status"),
+    # WHIP publishing and WHEP playback (RFC 9725).
+    re_path(r"^whip/?$", whip.WhipView.as_view(), name="whip"),
+    re_path(r"^whip/(?P<session_id>[^/]+)/?$", whip.WhipSessionView.as_view(), name="whip-session"),
+    re_path(r"^whep/(?P<session_id>[^/]+)/?$", whip.WhepView.as_view(), name="whep"),
+    re_path(r"^whep/(?P<session_id>[^/]+)/(?P<viewer_id>[^/]+)/?$", whip.WhepViewerView.as_view(),
+            name="whep-viewer"),
     re_path(r"^schema/?$", SpectacularAPIView.as_view(), name="schema"),
     re_path(r"^schema/ui/?$", SpectacularSwaggerView.as_view(url_name="schema"), name="schema-ui"),
     *router.urls,

@@ -46,6 +46,31 @@ class PeerCleanup(TypedDict):
     give_up_at: float  # POSIX time: past it, close the session with its files left behind
 
 
+class PeerView(TypedDict):
+    """A WHEP viewer's offer, to the worker holding the session's processed video."""
+
+    type: Literal["peer.view"]
+    session_id: str
+    viewer_id: str
+    sdp: str
+    reply_channel: str
+
+
+class PeerViewCandidate(TypedDict):
+    type: Literal["peer.view_candidate"]
+    session_id: str
+    viewer_id: str
+    candidate: dict[str, Any] | None
+
+
+class PeerUnview(TypedDict):
+    """The viewer left (its DELETE): close its peer; the session goes on."""
+
+    type: Literal["peer.unview"]
+    session_id: str
+    viewer_id: str
+
+
 class SignalingAnswer(TypedDict):
     type: Literal["signaling.answer"]
     session_id: str

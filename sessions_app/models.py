@@ -77,6 +77,8 @@ class StreamSession(models.Model):
     frames_out = models.PositiveBigIntegerField(default=0)
     # Remote ICE candidates named so far, the offer's included: capped per session.
     remote_candidates = models.PositiveIntegerField(default=0)
+    # WHEP viewers watching now; kept under the session's row lock with the viewers' rows.
+    viewer_count = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]
@@ -102,6 +104,8 @@ class SessionEvent(models.Model):
         PIPELINE_STOPPED = "pipeline_stopped"
         CLEANED_UP = "cleaned_up"
         CLOSED = "closed"
+        VIEWER_JOINED = "viewer_joined"
+        VIEWER_LEFT = "viewer_left"
 
     session = models.ForeignKey(StreamSession, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=32, choices=Kind.choices)
@@ -113,6 +117,26 @@ class SessionEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} at {self.at.isoformat()}"
+
+
+class SessionViewer(models.Model):
+    """A WHEP viewer of a session's processed video; its peer lives on the session's worker."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(StreamSession, on_delete=models.CASCADE, related_name="viewers")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+")
+    joined_at = models.DateTimeField(auto_now_add=True)
+    left_at = models.DateTimeField(null=True, blank=True)
+    # Remote ICE candidates named so far, the offer's included: capped per viewer as per session.
+    remote_candidates = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["joined_at", "id"]
+        indexes = [models.Index(fields=["session", "left_at"])]
+
+    def __str__(self) -> str:
+        return f"viewer {self.pk} of session {self.session_id}"
 
 
 # --- webhooks: signed notices of session and worker events (sessions_app/webhooks.py) ---

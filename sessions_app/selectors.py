@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from . import errors
 from .errors import ScopeError
-from .models import SessionEvent, StreamSession, Worker
+from .models import SessionEvent, SessionViewer, StreamSession, Worker
 
 
 def sessions_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[StreamSession]:
@@ -50,6 +50,15 @@ def session_for_streamer(*, session_id: str, user: AbstractBaseUser | AnonymousU
     if user.is_authenticated:
         return session_for_user(session_id=session_id, user=user)
     return _one_session(StreamSession.objects.filter(owner__isnull=True), session_id)
+
+
+def viewer_exists(*, session_id: str, viewer_id: str) -> bool:
+    """Whether the viewer still watches the session; a malformed id never does."""
+    try:
+        viewer_uuid = uuid.UUID(str(viewer_id))
+    except ValueError:
+        return False
+    return SessionViewer.objects.filter(pk=viewer_uuid, session_id=session_id, left_at__isnull=True).exists()
 
 
 def _ids(queryset: QuerySet) -> list[str]:

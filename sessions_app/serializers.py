@@ -17,6 +17,7 @@ class SessionEventSerializer(serializers.ModelSerializer):
 class StreamSessionSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     worker = serializers.PrimaryKeyRelatedField(read_only=True)
+    viewers = serializers.IntegerField(source="viewer_count", read_only=True)
 
     class Meta:
         model = StreamSession
@@ -35,6 +36,7 @@ class StreamSessionSerializer(serializers.ModelSerializer):
             "deadline_at",
             "frames_in",
             "frames_out",
+            "viewers",
         ]
         read_only_fields = fields
 

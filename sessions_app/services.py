@@ -31,12 +31,15 @@ from .messages import (
     PeerClose,
     PeerOffer,
     PeerParameters,
+    PeerUnview,
+    PeerView,
+    PeerViewCandidate,
     QueueChanged,
     SessionEnded,
     SessionPlaced,
     session_group,
 )
-from .models import CloseReason, SessionEvent, StreamSession, Worker
+from .models import CloseReason, SessionEvent, SessionViewer, StreamSession, Worker
 from .sdp import count_candidates
 
 logger = logging.getLogger(__name__)
@@ -439,6 +442,82 @@ def session_set_parameters(*, session_id: str, pipeline: str, parameters: dict[s
         _send_after_commit(session.worker.channel_name, message)
 
 
+# --- WHEP viewers ----------------------------------------------------------------
+
+
+@transaction.atomic
+def viewer_join(*, session_id: str, user: AbstractBaseUser | None, sdp: str, reply_channel: str) -> SessionViewer:
+    """A viewer asks for a session's processed video: count it, record it, hand its offer to the session's worker.
+
+    NO_CAPACITY if the session already has ``SCOPE_MAX_VIEWERS``; INVALID_MESSAGE if it has no output yet.
+    """
+    session = _locked_session(session_id)
+    if not session.is_open:
+        raise ScopeError(errors.UNKNOWN_SESSION, f"No open session {session_id}.")
+    if session.worker_id is None or session.state == StreamSession.State.WAITING:
+        raise ScopeError(errors.INVALID_MESSAGE, f"Session {session_id} has no video yet.")
+    limit = settings.SCOPE_MAX_VIEWERS
+    if session.viewer_count >= limit:
+        raise ScopeError(errors.NO_CAPACITY, f"Session {session_id} already has {limit} viewers, its most.")
+    viewer = SessionViewer.objects.create(session=session, user=user, remote_candidates=count_candidates(sdp))
+    session.viewer_count += 1
+    session.save(update_fields=["viewer_count"])
+    _record(session, SessionEvent.Kind.VIEWER_JOINED, viewer_id=str(viewer.pk),
+            user=user.get_username() if user is not None else None)
+    _announce_session(session)
+    message: PeerView = {"type": "peer.view", "session_id": session_id, "viewer_id": str(viewer.pk), "sdp": sdp,
+                         "reply_channel": reply_channel}
+    _send_after_commit(session.worker.channel_name, message)
+    return viewer
+
+
+@transaction.atomic
+def viewer_leave(*, session_id: str, viewer_id: str, reason: str, notify_worker: bool) -> bool:
+    """The viewer is gone (its DELETE, its peer closed or failed, a failed answer); the session goes on.
+
+    Idempotent: False if it had already left. The worker closes its peer unless it is the one reporting.
+    """
+    session = _locked_session(session_id)
+    viewer = SessionViewer.objects.filter(pk=viewer_id, session=session, left_at__isnull=True).first()
+    if viewer is None:
+        return False
+    _mark_left(session, [viewer], reason=reason)
+    session.save(update_fields=["viewer_count"])
+    _announce_session(session)
+    if notify_worker and session.is_open and session.worker_id is not None:
+        message: PeerUnview = {"type": "peer.unview", "session_id": session_id, "viewer_id": viewer_id}
+        _send_after_commit(session.worker.channel_name, message)
+    return True
+
+
+def _mark_left(session: StreamSession, viewers: list[SessionViewer], *, reason: str) -> None:
+    now = timezone.now()
+    for viewer in viewers:
+        viewer.left_at = now
+        viewer.save(update_fields=["left_at"])
+        _record(session, SessionEvent.Kind.VIEWER_LEFT, at=now, viewer_id=str(viewer.pk), reason=reason)
+    session.viewer_count = max(0, session.viewer_count - len(viewers))
+
+
+@transaction.atomic
+def viewer_add_candidates(*, session_id: str, viewer_id: str, candidates: list[dict[str, Any] | None]) -> None:
+    """Forward a viewer's trickled candidates to its peer, all or none, capped per viewer as per session."""
+    session = _open_placed_session(session_id)
+    named = sum(1 for candidate in candidates if candidate and candidate.get("candidate"))
+    cap = settings.SCOPE_MAX_CANDIDATES_PER_SESSION
+    counted = SessionViewer.objects.filter(
+        pk=viewer_id, session=session, left_at__isnull=True, remote_candidates__lte=cap - named
+    ).update(remote_candidates=F("remote_candidates") + named)
+    if not counted:
+        if not SessionViewer.objects.filter(pk=viewer_id, session=session, left_at__isnull=True).exists():
+            raise ScopeError(errors.UNKNOWN_SESSION, f"No viewer {viewer_id} of session {session_id}.")
+        raise ScopeError(errors.RATE_LIMITED, f"At most {cap} ICE candidates per viewer, its offer's included.")
+    for candidate in candidates:
+        message: PeerViewCandidate = {"type": "peer.view_candidate", "session_id": session_id,
+                                      "viewer_id": viewer_id, "candidate": candidate}
+        _send_after_commit(session.worker.channel_name, message)
+
+
 # --- sessions: the close path --------------------------------------------------
 
 
@@ -564,6 +643,8 @@ def session_cleanup_given_up(*, session_id: str, error: str) -> bool:
 
 
 def _finish_close(session: StreamSession) -> None:
+    # Its viewers' peers went with the session's (the worker closes them in the same teardown).
+    _mark_left(session, list(session.viewers.filter(left_at__isnull=True)), reason=session.close_reason)
     session.state = StreamSession.State.CLOSED
     session.closed_at = timezone.now()
     session.save()
