@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse
 from django.urls import reverse
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
@@ -34,6 +35,16 @@ class BearerTokenAuthentication(TokenAuthentication):
     """The API token as WHIP and WHEP clients send it: ``Authorization: Bearer <token>``."""
 
     keyword = "Bearer"
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """How the API schema names the Bearer scheme (DRF's own Token scheme has its own name)."""
+
+    target_class = BearerTokenAuthentication
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer"}
 
 
 class UnsupportedContentType(ScopeError):

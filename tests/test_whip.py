@@ -202,3 +202,21 @@ async def viewer_offer() -> str:
     sdp = pc.localDescription.sdp
     await pc.close()
     return sdp
+
+
+async def test_scaled_viewers_live_on_the_publishers_worker_and_end_with_an_operator_delete(scaled_server, peers):
+    server = scaled_server
+    publisher = await publish(server, peers)
+    viewers = [await watch(server, peers, publisher.session_id), await watch(server, peers, publisher.session_id)]
+    await asyncio.gather(*(viewer.wait_frames(15) for viewer in viewers))
+    assert close_to(viewers[1].frames[-1][1], INVERTED)
+    ended = await asyncio.to_thread(server.api, "DELETE", f"/api/v1/webrtc/offer/{publisher.session_id}")
+    returned = time.monotonic()
+    assert ended.status_code == 204, ended.text
+    record = server.closed_session(publisher.session_id)
+    assert record["close_reason"] == "SESSION_TERMINATED" and record["viewers"] == 0
+    reasons = [e["detail"]["reason"] for e in record["events"] if e["kind"] == "viewer_left"]
+    assert reasons == ["SESSION_TERMINATED"] * 2
+    for viewer in viewers:
+        await server.wait_until_async(lambda v=viewer: v.dtls_state == "closed", 3, what="a viewer's peer closed")
+        assert all(at <= returned + LATE_FRAME_BOUND for at, _ in viewer.frames)

@@ -87,7 +87,8 @@
       cell(row, 6, s.deadline_at ? duration(until(s.deadline_at)) : "–");
       cell(row, 7, s.frames_in.toLocaleString(), "num");
       cell(row, 8, s.frames_out.toLocaleString(), "num");
-      actionCell(row, 9, s);
+      cell(row, 9, s.viewers.toLocaleString(), "num");
+      actionCell(row, 10, s);
     });
     prune(tables.live, "data-session-id", new Set(sessions.map((s) => s.id)));
     empties.live.hidden = sessions.length > 0;
