@@ -22,6 +22,7 @@ import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
+from django.conf import settings
 
 from sessions_app import errors
 from sessions_app.errors import ScopeError
@@ -200,7 +201,15 @@ class SessionBroadcast:
         encoder.request_keyframe()
         self._viewers[viewer_id] = viewer
         metrics.VIEWERS.inc()
+        self._tasks.spawn(self._connected_in_time(viewer), f"viewer-connect-{viewer_id}")
         return pc.localDescription
+
+    async def _connected_in_time(self, viewer: Viewer) -> None:
+        """A viewer that never connects (answer ignored, ICE that never starts) gives its place back, bounded."""
+        await asyncio.sleep(settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
+        if viewer.pc.connectionState != "connected" and not viewer.closing and not self.closed:
+            self._viewer_gone(viewer.viewer_id, "connect_timeout")
+            await self.remove_viewer(viewer.viewer_id)
 
     async def add_candidate(self, *, viewer_id: str, raw: dict[str, Any] | None) -> None:
         viewer = self._viewers.get(viewer_id)

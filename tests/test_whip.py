@@ -23,11 +23,14 @@ COLOR = (200, 60, 20)
 INVERTED = tuple(255 - c for c in COLOR)
 # A frame already on the wire when the server closed may still arrive: this much, no more.
 LATE_FRAME_BOUND = 0.2
+# How long an answered viewer may take to connect before it gives its place back.
+CONNECT_BOUND = 4.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScopeServer]:
-    with start_embedded(tmp_path_factory.mktemp("whip"), SCOPE_MAX_VIEWERS=2, SCOPE_WORKER_CAPACITY=2) as server:
+    with start_embedded(tmp_path_factory.mktemp("whip"), SCOPE_MAX_VIEWERS=2, SCOPE_WORKER_CAPACITY=2,
+                        SCOPE_NEGOTIATION_TIMEOUT_SECONDS=CONNECT_BOUND) as server:
         yield server
 
 
@@ -134,6 +137,23 @@ async def test_viewer_limit_is_503_with_retry_after(server, peers):
     assert refused.status_code == 503 and refused.json()["code"] == "NO_CAPACITY", refused.text
     assert int(refused.headers["Retry-After"]) > 0
     assert server.session(publisher.session_id)["viewers"] == 2
+    assert (await publisher.hang_up()).status_code == 200
+
+
+async def test_a_viewer_that_never_connects_gives_its_place_back(server, peers):
+    publisher = await publish(server, peers)
+    hoarders = [await post_sdp(server, f"/api/v1/whep/{publisher.session_id}", await viewer_offer(), "alice")
+                for _ in range(2)]
+    assert [response.status_code for response in hoarders] == [201, 201]
+    refused = await post_sdp(server, f"/api/v1/whep/{publisher.session_id}", await viewer_offer(), "alice")
+    assert refused.status_code == 503
+    # Neither answer is ever applied: both places come back within the bound, and a real viewer gets one.
+    await server.wait_until_async(lambda: server.session(publisher.session_id)["viewers"] == 0, CONNECT_BOUND + 3,
+                                  what="the silent viewers' places back")
+    record = server.session(publisher.session_id)
+    assert [e["detail"]["reason"] for e in record["events"] if e["kind"] == "viewer_left"] == ["connect_timeout"] * 2
+    viewer = await watch(server, peers, publisher.session_id)
+    await viewer.wait_frames(10)
     assert (await publisher.hang_up()).status_code == 200
 
 
