@@ -30,7 +30,7 @@ class PipelineTrack(MediaStreamTrack):
         processor: FrameProcessor,
         batcher: FrameBatcher,
         on_error: Callable[[BaseException], None],
-        on_processed: Callable[[VideoFrame], None],
+        on_processed: Callable[[VideoFrame], None] | None = None,
     ) -> None:
         super().__init__()
         self._on_error = on_error
@@ -86,7 +86,8 @@ class PipelineTrack(MediaStreamTrack):
             self._in_batcher = None
         self.frames_out += 1
         metrics.FRAMES_OUT.inc()
-        self._on_processed(processed)
+        if self._on_processed is not None:
+            self._on_processed(processed)
         return processed
 
     def stop(self) -> None:
