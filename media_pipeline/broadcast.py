@@ -29,6 +29,7 @@ from sessions_app.errors import ScopeError
 from sessions_app.turn import ice_servers_for
 
 from . import metrics
+from .dtls import as_dtls_server
 from .ice import add_remote_candidate
 from .owned_tasks import OwnedTasks
 
@@ -193,7 +194,7 @@ class SessionBroadcast:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
             raise ScopeError(errors.INVALID_SDP, f"The offer could not be applied: {exc}") from exc
-        await pc.setLocalDescription(await pc.createAnswer())
+        await pc.setLocalDescription(as_dtls_server(offer_sdp=sdp, answer=await pc.createAnswer()))
         if self.closed:
             raise ScopeError(errors.UNKNOWN_SESSION, f"Session {self.session_id} is closing.")
         viewer = Viewer(viewer_id=viewer_id, pc=pc, track=track)

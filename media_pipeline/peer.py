@@ -34,6 +34,7 @@ from sessions_app.turn import ice_servers_for
 
 from .batching import FrameBatcher
 from .broadcast import SessionBroadcast
+from .dtls import as_dtls_server
 from .ice import add_remote_candidate
 from .owned_tasks import OwnedTasks
 from .parameters import apply_update
@@ -122,7 +123,7 @@ class SessionPeer:
             raise ScopeError(errors.INVALID_SDP, f"The offer could not be applied: {exc}") from exc
         if self.track is None:
             raise ScopeError(errors.INVALID_SDP, "The offer sends no video.")
-        await pc.setLocalDescription(await pc.createAnswer())
+        await pc.setLocalDescription(as_dtls_server(offer_sdp=sdp, answer=await pc.createAnswer()))
         if not self._returns_video:
             # No sender pulls the processed track: this does, so the pipeline runs for the viewers.
             self._tasks.spawn(self._pull_output(self.track), f"output-{self.session_id}")
