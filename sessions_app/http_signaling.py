@@ -66,8 +66,12 @@ def answer_offer(
     return session_id, _answer_or_raise(reply)
 
 
-def answer_viewer(*, session_id: str, user: AbstractBaseUser, sdp: str) -> tuple[str, SignalingAnswer]:
+def answer_viewer(
+    *, session_id: str, user: AbstractBaseUser, address: str | None, sdp: str
+) -> tuple[str, SignalingAnswer]:
     """A new viewer of the session's processed video, answered: (viewer id, answer)."""
+    # A viewer's offer costs the worker a peer like a publisher's: the same per-minute limit.
+    limits.check_offer(user=user, address=address)
     joined: list[SessionViewer] = []
     reply = _request_reply(lambda reply_channel: joined.append(
         services.viewer_join(session_id=session_id, user=user, sdp=sdp, reply_channel=reply_channel)

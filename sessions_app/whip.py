@@ -155,7 +155,9 @@ class WhepView(WhipAPIView):
         sdp = _body(request, SDP)
         session = selectors.session_for_user(session_id=session_id, user=request.user)
         sdp = validate_offer(sdp=sdp, sdp_type="offer")
-        viewer_id, answer = http_signaling.answer_viewer(session_id=str(session.pk), user=request.user, sdp=sdp)
+        viewer_id, answer = http_signaling.answer_viewer(
+            session_id=str(session.pk), user=request.user, address=request.META.get("REMOTE_ADDR"), sdp=sdp
+        )
         location = reverse("whep-viewer", kwargs={"session_id": str(session.pk), "viewer_id": viewer_id})
         return _answer_response(answer, location, ice_server_links(request.user))
 

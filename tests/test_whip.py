@@ -16,7 +16,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from media_pipeline.ice import enforce_ice_addresses
 from tests.harness import ScopeServer, start_embedded
-from tests.test_lifecycle import FULL_TRAIL
+from tests.peer import ScopeClient
+from tests.test_lifecycle import FULL_TRAIL, connect_and_stream
 from tests.whip_peers import Publisher, Viewer, bearer, delete, post_sdp
 
 COLOR = (200, 60, 20)
@@ -127,6 +128,21 @@ async def test_publish_watch_and_hang_up(server, peers):
     assert peer_closed["detail"].get("viewers") == 1
     await server.wait_until_async(lambda: second.dtls_state == "closed", 3, what="the last viewer's peer closed")
     assert all(at <= returned + LATE_FRAME_BOUND for at, _ in second.frames)
+
+
+async def test_a_socket_sessions_output_can_be_watched_and_the_socket_close_ends_its_viewer(server, peers):
+    async with ScopeClient() as client:
+        streamer = await connect_and_stream(client, server, "alice", pipeline="invert", color=COLOR)
+        viewer = await watch(server, peers, streamer.session_id)
+        await viewer.wait_frames(15)
+        # The client and the viewer see the same output.
+        assert close_to(viewer.frames[-1][1], INVERTED) and close_to(streamer.frames[-1][1], INVERTED)
+        await client.close_socket()
+        closed_at = time.monotonic()
+        record = await asyncio.to_thread(server.closed_session, streamer.session_id)
+    assert record["close_reason"] == "CLIENT_DISCONNECT"
+    await server.wait_until_async(lambda: viewer.dtls_state == "closed", 3, what="the viewer's peer closed")
+    assert all(at <= closed_at + 1 for at, _ in viewer.frames)
 
 
 async def test_viewer_limit_is_503_with_retry_after(server, peers):
