@@ -74,6 +74,17 @@ async def _cancel(task: asyncio.Task[Any] | None) -> None:
         pass
 
 
+async def record_mean_colors(track: MediaStreamTrack, frames: list[tuple[float, MeanColor]]) -> None:
+    """Append (time.monotonic(), mean RGB) of every frame ``track`` delivers, until it ends."""
+    try:
+        while True:
+            frame = await track.recv()
+            mean = frame.to_ndarray(format="rgb24").mean(axis=(0, 1))
+            frames.append((time.monotonic(), (float(mean[0]), float(mean[1]), float(mean[2]))))
+    except MediaStreamError:
+        pass
+
+
 class SolidColorTrack(VideoStreamTrack):
     """A 30 fps camera that sees one colour, so the pipeline's effect is measurable."""
 
@@ -141,14 +152,9 @@ class ClientPeer:
             self._receiver = asyncio.create_task(self._receive(track))
 
     async def _receive(self, track: MediaStreamTrack) -> None:
-        try:
-            while True:
-                frame = await track.recv()
-                mean = frame.to_ndarray(format="rgb24").mean(axis=(0, 1))
-                self.frames.append((time.monotonic(), (float(mean[0]), float(mean[1]), float(mean[2]))))
-        except MediaStreamError:
-            # The remote track ended: the server's side of the peer is gone.
-            self.remote_ended_at = time.monotonic()
+        await record_mean_colors(track, self.frames)
+        # The remote track ended: the server's side of the peer is gone.
+        self.remote_ended_at = time.monotonic()
 
     async def negotiate(self, initial_parameters: dict[str, Any], timeout: float) -> None:
         # aiortc gathers every candidate before setLocalDescription returns: no trickle needed.

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
-from tests.peer import Color, MeanColor, SolidColorTrack
+from tests.peer import Color, MeanColor, SolidColorTrack, record_mean_colors
 
 if TYPE_CHECKING:
     from tests.harness import ScopeServer
@@ -48,16 +47,7 @@ class WhipPeer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video" and self._receiver is None:
-            self._receiver = asyncio.create_task(self._receive(track))
-
-    async def _receive(self, track: MediaStreamTrack) -> None:
-        try:
-            while True:
-                frame = await track.recv()
-                mean = frame.to_ndarray(format="rgb24").mean(axis=(0, 1))
-                self.frames.append((time.monotonic(), (float(mean[0]), float(mean[1]), float(mean[2]))))
-        except MediaStreamError:
-            pass
+            self._receiver = asyncio.create_task(record_mean_colors(track, self.frames))
 
     async def exchange(self, path: str) -> httpx.Response:
         """POST the offer (aiortc gathers every candidate first: no trickle) and apply a 201's answer."""
