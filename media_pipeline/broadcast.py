@@ -59,19 +59,20 @@ class SharedEncoder:
 
     def encode(self, frame: av.VideoFrame) -> list[av.Packet]:
         """The frame's packets, stamped with its own time (the viewers' senders derive RTP time from it)."""
-        frame = frame.reformat(format="yuv420p")
-        if self._context is None or (self._context.width, self._context.height) != (frame.width, frame.height):
-            self._context = self._open(frame.width, frame.height)
+        yuv = frame.reformat(format="yuv420p")
+        if self._context is None or (self._context.width, self._context.height) != (yuv.width, yuv.height):
+            self._context = self._open(yuv.width, yuv.height)
             self._keyframe_wanted = True
         now = time.monotonic()
         if self._keyframe_wanted and now - self._last_keyframe_at >= KEYFRAME_MIN_INTERVAL:
-            frame.pict_type = av.video.frame.PictureType.I
+            if yuv is frame:
+                # The client's own sender may be encoding this very frame: mark a copy, not it.
+                yuv = av.VideoFrame.from_ndarray(frame.to_ndarray(format="yuv420p"), format="yuv420p")
+            yuv.pict_type = av.video.frame.PictureType.I
             self._keyframe_wanted = False
             self._last_keyframe_at = now
-        else:
-            frame.pict_type = av.video.frame.PictureType.NONE
         time_base = frame.time_base or fractions.Fraction(1, 90_000)
-        packets = self._context.encode(frame)
+        packets = self._context.encode(yuv)
         for packet in packets:
             packet.pts = frame.pts
             packet.time_base = time_base
@@ -266,8 +267,12 @@ class SessionBroadcast:
                 for encoder in list(self._encoders.values()):
                     if not any(viewer.track.encoder is encoder for viewer in self._viewers.values()):
                         continue  # its viewers left
-                    # Codec work stays off the event loop.
-                    packets = await loop.run_in_executor(None, encoder.encode, frame)
+                    try:
+                        # Codec work stays off the event loop.
+                        packets = await loop.run_in_executor(None, encoder.encode, frame)
+                    except Exception:  # one frame lost to the viewers; the next may encode
+                        logger.exception("session %s: encoding for viewers failed", self.session_id)
+                        continue
                     for viewer in list(self._viewers.values()):
                         if viewer.track.encoder is encoder:
                             for packet in packets:

@@ -53,3 +53,11 @@ async def test_a_viewer_starts_at_a_keyframe_and_one_far_behind_waits_for_the_ne
     track.push(packets[2])  # dropped until a keyframe comes
     track.push(packets[0])
     assert (await track.recv()) is packets[0]
+
+
+def test_a_forced_keyframe_never_marks_the_frame_the_client_may_be_encoding():
+    yuv = next(frames(1)).reformat(format="yuv420p")
+    untouched = yuv.pict_type
+    packets = SharedEncoder("video/VP8").encode(yuv)  # the first frame is always a keyframe
+    assert packets[0].is_keyframe
+    assert yuv.pict_type == untouched
