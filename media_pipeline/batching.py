@@ -2,7 +2,7 @@
 
 A media worker has one frame thread per device, shared by its sessions. When
 several sessions run the same pipeline with the same parameters on frames of
-the same size, running their frames as one ``(N, 3, H, W)`` batch costs one
+the same size, running their frames as one batch of N costs one
 forward pass instead of N. ``FrameBatcher`` (one per device, owned by the
 worker) collects them: the first frame of a group opens a window of
 ``window_seconds``; the group runs when the window ends, when it holds
@@ -191,8 +191,7 @@ class FrameBatcher:
             if processor.is_passthrough:
                 out = frame  # straight to the encoder: no RGB round trip
             else:
-                out = _with_timing(VideoFrame.from_ndarray(processor.process(frame.to_ndarray(format="rgb24")),
-                                                           format="rgb24"), frame)
+                out = _with_timing(processor.process_frames([frame])[0], frame)
         except Exception as exc:
             return exc
         self._observe(processor.name, time.perf_counter() - started, 1)
@@ -203,10 +202,9 @@ class FrameBatcher:
         lead = entries[0].processor
         started = time.perf_counter()
         try:
-            rgbs = lead.process_batch([entry.frame.to_ndarray(format="rgb24") for entry in entries])
+            processed = lead.process_frames([entry.frame for entry in entries])
             outs: list[VideoFrame | BaseException] = [
-                _with_timing(VideoFrame.from_ndarray(rgb, format="rgb24"), entry.frame)
-                for rgb, entry in zip(rgbs, entries)
+                _with_timing(out, entry.frame) for out, entry in zip(processed, entries)
             ]
         except Exception as exc:
             return [exc for _ in entries]

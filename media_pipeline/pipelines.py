@@ -1,7 +1,8 @@
 """Torch video pipelines, their registry, and the per-session frame processor.
 
-A pipeline is a ``torch.nn.Module`` mapping uint8 RGB frames ``(N, 3, H, W)``
-to frames of the same dtype and shape. Built-ins live here; more come from the
+A pipeline is a ``torch.nn.Module`` mapping uint8 frames in its
+``frame_format`` (RGB ``(N, 3, H, W)`` unless it says otherwise) to frames of
+the same dtype and shape. Built-ins live here; more come from the
 ``scope.pipelines`` entry point group.
 """
 
@@ -17,11 +18,14 @@ from typing import Any, ClassVar, Final, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av import VideoFrame
 
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP: Final = "scope.pipelines"
+
+FrameFormat = Literal["rgb24", "yuv420p"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class Pipeline(torch.nn.Module):
     # with the same parameters may share one call (media_pipeline/batching.py).
     # Off by default: a plugin's forward may assume one frame.
     batchable: ClassVar[bool] = False
+    # The pixel format forward() works in. "rgb24": uint8 (N, 3, H, W). "yuv420p": the codec's own
+    # format, uint8 (N, H*3/2, W), each frame packed as PyAV packs one (H rows of Y, then U's and V's
+    # values row after row; see frame_to_array). A pipeline that can work there spares the frame thread
+    # the conversion to RGB and the encoder the conversion back.
+    frame_format: ClassVar[FrameFormat] = "rgb24"
 
     def __init__(self, **parameters: Any) -> None:
         super().__init__()
@@ -74,7 +83,7 @@ class Pipeline(torch.nn.Module):
         self.values.update(parameters)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """Transform uint8 ``(N, 3, H, W)`` RGB frames into frames of the same dtype and shape."""
+        """Transform uint8 frames in ``frame_format`` into frames of the same dtype and shape."""
         raise NotImplementedError
 
 
@@ -86,6 +95,12 @@ def _luma(frames: torch.Tensor) -> torch.Tensor:
     """BT.601 luma of uint8 RGB frames, as float ``(N, 1, H, W)`` in 0..255."""
     x = frames.float()
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _yuv_planes(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the Y rows and of the chroma rows (U, then V) of packed yuv420p frames ``(N, H*3/2, W)``."""
+    height = frames.shape[1] * 2 // 3
+    return frames[:, :height], frames[:, height:]
 
 
 class PassthroughPipeline(Pipeline):
@@ -100,26 +115,36 @@ class PassthroughPipeline(Pipeline):
 
 
 class InvertPipeline(Pipeline):
-    """Photographic negative."""
+    """Photographic negative, in the codec's limited-range BT.601 YUV.
+
+    255 - R, G, B turns Y = 16 + 219 * luma into 251 - Y, and each chroma
+    value 128 + c into 128 - c, that is 256 - U and 256 - V. Y outside
+    16..235 is clamped first, as the conversion to RGB would; U or V of 0
+    gives 255.
+    """
 
     name = "invert"
     label = "Invert colors"
     batchable = True
+    frame_format = "yuv420p"
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return 255 - frames
+        luma, chroma = _yuv_planes(frames)
+        # Stays in uint8: 251 - Y cannot wrap once Y >= 16, and -U wraps to 256 - U for U >= 1.
+        return torch.cat((251 - luma.clamp(16, 235), chroma.clamp(min=1).neg()), dim=1)
 
 
 class GrayscalePipeline(Pipeline):
-    """BT.601 luma on all three channels."""
+    """BT.601 luma on all three channels: the frame's own Y, with neutral chroma."""
 
     name = "grayscale"
     label = "Grayscale"
     batchable = True
+    frame_format = "yuv420p"
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        # expand() is a view; whoever needs dense memory materializes it once.
-        return _to_uint8(_luma(frames)).expand(-1, 3, -1, -1)
+        luma, chroma = _yuv_planes(frames)
+        return torch.cat((luma, torch.full_like(chroma, 128)), dim=1)
 
 
 class EdgesPipeline(Pipeline):
@@ -347,9 +372,55 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _check_frame(rgb: np.ndarray) -> None:
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.dtype} {rgb.shape}")
+def _plane_views(frame: VideoFrame) -> list[np.ndarray]:
+    """A yuv420p frame's Y, U and V planes as arrays over its own memory (writable), without the rows' padding."""
+    return [np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+            for plane in frame.planes]
+
+
+def frame_to_array(frame: VideoFrame, frame_format: FrameFormat) -> np.ndarray:
+    """One frame's pixels as a pipeline working in ``frame_format`` takes them (without the batch axis).
+
+    yuv420p: ``(H*3/2, W)``, as PyAV's ``to_ndarray`` packs it, for any size: an odd
+    width or height (PyAV refuses those) has Y's last column or row repeated, so Y
+    is twice the chroma planes' size as it is for even sizes.
+    """
+    if frame_format == "rgb24":
+        # One scaling thread: by default swscale starts a pool of them for every frame it converts.
+        return frame.to_ndarray(format="rgb24", threads=1)
+    if frame.format.name != "yuv420p":  # decoded video already is
+        frame = frame.reformat(format="yuv420p", threads=1)
+    y, u, v = _plane_views(frame)
+    rows, width = y.shape
+    packed = np.empty((3 * u.shape[0], 2 * u.shape[1]), np.uint8)
+    luma, chroma = packed[:2 * u.shape[0]], packed[2 * u.shape[0]:].reshape(-1)
+    luma[:rows, :width] = y
+    luma[rows:] = luma[rows - 1]
+    luma[:, width:] = luma[:, width - 1:width]
+    chroma[:u.size].reshape(u.shape)[:] = u
+    chroma[u.size:].reshape(v.shape)[:] = v
+    return packed
+
+
+def array_to_frame(array: np.ndarray, frame_format: FrameFormat, width: int, height: int) -> VideoFrame:
+    """A pipeline's output frame (from ``frame_to_array``'s layout) as a ``width`` x ``height`` VideoFrame."""
+    if frame_format == "rgb24":
+        return VideoFrame.from_ndarray(array, format="rgb24")
+    frame = VideoFrame(width, height, "yuv420p")
+    y, u, v = _plane_views(frame)
+    luma, chroma = array[:2 * u.shape[0]], array[2 * u.shape[0]:].reshape(-1)
+    y[:] = luma[:height, :width]
+    u[:] = chroma[:u.size].reshape(u.shape)
+    v[:] = chroma[u.size:].reshape(v.shape)
+    return frame
+
+
+def _check_frame(array: np.ndarray, frame_format: FrameFormat) -> None:
+    if frame_format == "rgb24":
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"expected an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
+    elif array.dtype != np.uint8 or array.ndim != 2 or array.shape[0] % 3 or array.shape[1] % 2:
+        raise ValueError(f"expected an H*3/2 x W uint8 yuv420p array (H, W even), got {array.dtype} {array.shape}")
 
 
 class FrameProcessor:
@@ -374,21 +445,39 @@ class FrameProcessor:
             raise RuntimeError("frame processor is closed")
         return self._pipeline
 
-    def _upload(self, rgbs: np.ndarray) -> torch.Tensor:
-        """``N x H x W x 3`` uint8 frames as an ``(N, 3, H, W)`` tensor on the device."""
-        host = torch.from_numpy(rgbs)
+    def _upload(self, arrays: np.ndarray) -> torch.Tensor:
+        """``N`` stacked uint8 frames as a tensor on the device."""
+        host = torch.from_numpy(arrays)
         if self._device.type == "cuda":
             if self._staging is None or self._staging.shape != host.shape:
                 self._staging = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
             self._staging.copy_(host)
-            # Safe to overwrite next frame: process_batch() ends with a blocking copy back on the same stream.
+            # Safe to overwrite next frame: _forward() ends with a blocking copy back on the same stream.
             host = self._staging.to(self._device, non_blocking=True)
-        return host.permute(0, 3, 1, 2)
+        return host
+
+    def _forward(self, pipeline: Pipeline, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward pass over same-sized frames in ``pipeline``'s format; C-contiguous frames back. Under the lock."""
+        for array in arrays:
+            _check_frame(array, pipeline.frame_format)
+        # One frame needs no stacking copy, only a leading axis.
+        stacked = arrays[0][np.newaxis] if len(arrays) == 1 else np.stack(arrays)
+        rgb = pipeline.frame_format == "rgb24"
+        with torch.inference_mode():
+            frames = self._upload(stacked)
+            out = pipeline(frames.permute(0, 3, 1, 2) if rgb else frames)
+            # Made dense on the device, so the copy back is one contiguous transfer.
+            return list((out.permute(0, 2, 3, 1) if rgb else out).contiguous().cpu().numpy())
 
     @property
     def name(self) -> str:
         """The name of the session's current pipeline."""
         return self._name
+
+    @property
+    def frame_format(self) -> FrameFormat:
+        """The pixel format that process() and process_batch() take and give: the current pipeline's."""
+        return self._open_pipeline().frame_format
 
     @property
     def is_passthrough(self) -> bool:
@@ -407,28 +496,34 @@ class FrameProcessor:
             return None
         return (pipeline.name, tuple(sorted(dict(pipeline.values).items())))
 
-    def process(self, rgb: np.ndarray) -> np.ndarray:
-        """Run the pipeline on one ``H x W x 3`` uint8 RGB frame; returns a C-contiguous frame."""
-        _check_frame(rgb)
-        with self._lock:
-            if isinstance(self._open_pipeline(), PassthroughPipeline):
-                # Copies only when the decoder padded its rows.
-                return np.ascontiguousarray(rgb)
-        return self.process_batch([rgb])[0]
-
-    def process_batch(self, rgbs: list[np.ndarray]) -> list[np.ndarray]:
-        """Run this processor's pipeline once over same-sized ``H x W x 3`` uint8 frames; C-contiguous frames back."""
-        for rgb in rgbs:
-            _check_frame(rgb)
-        # One frame needs no stacking copy, only a leading axis.
-        stacked = rgbs[0][np.newaxis] if len(rgbs) == 1 else np.stack(rgbs)
+    def process(self, array: np.ndarray) -> np.ndarray:
+        """Run the pipeline on one frame in ``frame_format`` (``frame_to_array``'s layout); returns a C-contiguous frame."""
         with self._lock:
             pipeline = self._open_pipeline()
-            with torch.inference_mode():
-                out = pipeline(self._upload(stacked))
-                # Made dense on the device, so the copy back is one contiguous transfer.
-                frames = out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        return list(frames)
+            _check_frame(array, pipeline.frame_format)
+            if isinstance(pipeline, PassthroughPipeline):
+                # Copies only when the decoder padded its rows.
+                return np.ascontiguousarray(array)
+            return self._forward(pipeline, [array])[0]
+
+    def process_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the pipeline once over same-sized frames in ``frame_format``; C-contiguous frames back."""
+        with self._lock:
+            return self._forward(self._open_pipeline(), arrays)
+
+    def process_frames(self, frames: list[VideoFrame]) -> list[VideoFrame]:
+        """Run the pipeline once over same-sized decoded frames; frames back in the pipeline's format, without timestamps.
+
+        Passthrough gives back the frames it was given. The conversions to the pipeline's format and back happen under the lock, so
+        a switch to a pipeline that works in another format cannot come between.
+        """
+        with self._lock:
+            pipeline = self._open_pipeline()
+            if isinstance(pipeline, PassthroughPipeline):
+                return list(frames)
+            frame_format = pipeline.frame_format
+            outs = self._forward(pipeline, [frame_to_array(frame, frame_format) for frame in frames])
+            return [array_to_frame(out, frame_format, frame.width, frame.height) for out, frame in zip(outs, frames)]
 
     def set_parameters(self, pipeline: str, parameters: dict[str, Any]) -> None:
         """Switch to ``pipeline`` or, when it is the current one, update it in place.

@@ -115,6 +115,24 @@ async def test_two_sessions_frames_run_as_one_forward(executor: ThreadPoolExecut
     await batcher.stop()
 
 
+async def test_a_yuv_pipelines_batch_stays_in_yuv(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b, odd = processor("invert"), processor("invert"), processor("invert")
+    for member in (a, b, odd):
+        batcher.join(member)
+    batcher._members[a] = batcher._members[b] = (a.batch_key(), 32, 32)  # as after a first frame each
+    with mock.patch.object(InvertPipeline, "forward", autospec=True, side_effect=InvertPipeline.forward) as forward:
+        shared = await asyncio.gather(batcher.submit(a, frame(10)), batcher.submit(b, frame(20)))
+        assert [call.args[1].shape for call in forward.call_args_list] == [(2, 48, 32)], "one forward, packed yuv420p"
+        alone = await batcher.submit(odd, frame(30, size=17))  # odd sizes are padded for the pipeline, not refused
+    for out, value in zip([*shared, alone], [10, 20, 30]):
+        assert out.format.name == "yuv420p", "straight to the encoder, no conversion back to RGB"
+        assert abs(level(out) - (255 - value)) <= 3
+        assert out.pts == value
+    assert (alone.width, alone.height) == (17, 17)
+    await batcher.stop()
+
+
 async def test_a_full_group_runs_before_its_window_ends(executor: ThreadPoolExecutor) -> None:
     batcher = FrameBatcher(executor, window_seconds=5.0, max_batch=8)
     a, b = processor(), processor()

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
+from av import VideoFrame
 
 from media_pipeline import pipelines
 from media_pipeline.pipelines import (
@@ -16,6 +17,7 @@ from media_pipeline.pipelines import (
     ParameterSpec,
     Pipeline,
     available_pipelines,
+    frame_to_array,
     pick_device,
     ignored_parameters,
     validate_parameters,
@@ -26,13 +28,32 @@ CPU = torch.device("cpu")
 
 
 def run(name: str, image: np.ndarray, **parameters: Any) -> np.ndarray:
-    """Apply a registered pipeline to one HxWx3 image through its forward()."""
+    """Apply a registered RGB pipeline to one HxWx3 image through its forward()."""
     pipeline = available_pipelines()[name](**parameters)
+    assert pipeline.frame_format == "rgb24"
     frames = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
     with torch.inference_mode():
         out = pipeline(frames)
     assert out.dtype == torch.uint8 and out.shape == frames.shape
     return out[0].permute(1, 2, 0).numpy()
+
+
+def decoded(image: np.ndarray) -> VideoFrame:
+    """``image`` as the decoder would hand it over: a yuv420p frame."""
+    return VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+
+
+def as_input(name: str, image: np.ndarray) -> np.ndarray:
+    """``image`` in the format the named pipeline works in (its yuv420p packing when it works in YUV)."""
+    return frame_to_array(decoded(image), available_pipelines()[name].frame_format)
+
+
+def scene(height: int = 48, width: int = 64) -> np.ndarray:
+    """A camera-like picture: smooth color gradients and a bright square (chroma subsampling barely touches it)."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    image = np.stack([255 * columns / width, 255 * rows / height, 128 + 100 * np.sin(columns / 7)], axis=2)
+    image[height // 4:height // 2, width // 4:width // 2] = (250, 240, 20)
+    return image.round().astype(np.uint8)
 
 
 def random_image(height: int = 17, width: int = 23, seed: int = 0) -> np.ndarray:
@@ -63,7 +84,9 @@ def test_builtins_are_registered() -> None:
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_each_builtin_keeps_dtype_and_shape_of_a_batch(name: str) -> None:
-    frames = torch.from_numpy(np.stack([random_image(seed=1), random_image(seed=2)])).permute(0, 3, 1, 2)
+    frames = torch.from_numpy(np.stack([as_input(name, random_image(16, 22, seed)) for seed in (1, 2)]))
+    if available_pipelines()[name].frame_format == "rgb24":
+        frames = frames.permute(0, 3, 1, 2)
     with torch.inference_mode():
         out = available_pipelines()[name]()(frames)
     assert out.dtype == torch.uint8
@@ -75,18 +98,70 @@ def test_passthrough_returns_its_input() -> None:
     assert available_pipelines()["passthrough"]()(frames) is frames
 
 
-def test_invert_is_exact() -> None:
-    image = random_image()
-    np.testing.assert_array_equal(run("invert", image), 255 - image)
+def planes(frame: VideoFrame) -> list[np.ndarray]:
+    return [np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+            for plane in frame.planes]
 
 
-def test_grayscale_is_bt601_luma_on_every_channel() -> None:
-    image = random_image()
-    out = run("grayscale", image)
-    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 1])
-    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
-    expected = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    assert np.abs(out[:, :, 0].astype(np.float64) - expected).max() <= 1.0
+def yuv_run(name: str, frame: VideoFrame) -> VideoFrame:
+    return FrameProcessor(name, {}, CPU).process_frames([frame])[0]
+
+
+def test_invert_works_in_limited_range_yuv() -> None:
+    # Every value, in Y and in chroma, with the limited range's ends and beyond.
+    planes = np.tile(np.arange(256, dtype=np.uint8), 6 * 16).reshape(96, 256)
+    with torch.inference_mode():
+        out = available_pipelines()["invert"]()(torch.from_numpy(planes)[None])[0].numpy().astype(int)
+    y, chroma = planes[:64].astype(int), planes[64:].astype(int)
+    np.testing.assert_array_equal(out[:64], np.clip(251 - y, 16, 235))
+    np.testing.assert_array_equal(out[64:], np.clip(256 - chroma, 0, 255))
+
+
+@pytest.mark.parametrize("size", [(48, 64), (17, 33)], ids=["even", "odd"])
+def test_invert_in_yuv_is_the_rgb_negative(size: tuple[int, int]) -> None:
+    source = decoded(scene(*size))
+    out = yuv_run("invert", source)
+    assert (out.format.name, out.width, out.height) == ("yuv420p", source.width, source.height)
+    # Compared in RGB, as the viewer sees it: what is left is the RGB conversion's rounding.
+    difference = np.abs(out.to_ndarray(format="rgb24").astype(int) - (255 - source.to_ndarray(format="rgb24")))
+    assert difference.mean() <= 3 and difference.max() <= 8
+
+
+@pytest.mark.parametrize("size", [(48, 64), (17, 33)], ids=["even", "odd"])
+def test_grayscale_keeps_luma_and_drops_chroma(size: tuple[int, int]) -> None:
+    source = decoded(scene(*size))
+    out = yuv_run("grayscale", source)
+    (y, u, v), (source_y, _, _) = planes(out), planes(source)
+    np.testing.assert_array_equal(y, source_y)
+    assert set(u.flat) == set(v.flat) == {128}
+    rgb = out.to_ndarray(format="rgb24").astype(int)
+    assert np.abs(rgb[:, :, 0] - rgb[:, :, 1]).max() <= 1 and np.abs(rgb[:, :, 0] - rgb[:, :, 2]).max() <= 1
+    luma = source.to_ndarray(format="rgb24").astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(rgb[:, :, 0] - luma).mean() <= 2
+
+
+@pytest.mark.parametrize("size", [(48, 64), (17, 33), (18, 33), (17, 34)])
+def test_yuv_packing_is_pyavs_and_round_trips_any_size(size: tuple[int, int]) -> None:
+    source = decoded(random_image(*size))
+    packed = frame_to_array(source, "yuv420p")
+    if size[0] % 2 == 0 and size[1] % 2 == 0:
+        np.testing.assert_array_equal(packed, source.to_ndarray(format="yuv420p"))
+    back = pipelines.array_to_frame(packed, "yuv420p", source.width, source.height)
+    np.testing.assert_array_equal(back.to_ndarray(format="rgb24"), source.to_ndarray(format="rgb24"))
+
+
+@pytest.mark.parametrize("name", ["invert", "grayscale", "edges"])
+def test_a_batch_gives_what_single_frames_give(name: str) -> None:
+    frames = [decoded(scene()), decoded(random_image(48, 64, seed=3)), decoded(255 - scene())]
+    processor = FrameProcessor(name, {}, CPU)
+    batched = processor.process_frames(frames)
+    assert len(batched) == 3
+    for frame, out in zip(frames, batched):
+        np.testing.assert_array_equal(out.to_ndarray(format="rgb24"),
+                                      processor.process_frames([frame])[0].to_ndarray(format="rgb24"))
+    arrays = [frame_to_array(frame, processor.frame_format) for frame in frames]
+    for array, out in zip(arrays, processor.process_batch(arrays)):
+        np.testing.assert_array_equal(out, processor.process(array))
 
 
 def test_edges_of_a_flat_image_are_black() -> None:
@@ -339,14 +414,16 @@ def test_pick_device_matches_cuda_availability() -> None:
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_process_returns_a_contiguous_frame_and_leaves_the_input_alone(name: str) -> None:
-    image = random_image(31, 45)
+    image = as_input(name, random_image(31, 45))
     original = image.copy()
     processor = FrameProcessor(name, validate_parameters({"pipeline": name}, default_pipeline=name)[1], CPU)
+    assert processor.frame_format == available_pipelines()[name].frame_format
     out = processor.process(image)
     assert out.dtype == np.uint8 and out.shape == image.shape
     assert out.flags.c_contiguous
     np.testing.assert_array_equal(image, original)
-    np.testing.assert_array_equal(out, run(name, image))
+    if processor.frame_format == "rgb24":
+        np.testing.assert_array_equal(out, run(name, image))
 
 
 def test_process_passthrough_does_not_copy() -> None:
@@ -358,18 +435,26 @@ def test_process_accepts_padded_rows() -> None:
     # Decoders pad each row; the processor must read through the strides.
     padded = random_image(9, 16)[:, :13]
     assert not padded.flags.c_contiguous
-    for name in ("passthrough", "invert"):
+    for name in ("passthrough", "blur"):
         out = FrameProcessor(name, {}, CPU).process(padded)
         assert out.flags.c_contiguous
-        np.testing.assert_array_equal(out, padded if name == "passthrough" else 255 - padded)
+        np.testing.assert_array_equal(out, padded if name == "passthrough" else run(name, padded.copy()))
+    padded_yuv = as_input("invert", random_image(8, 20))[:, :16]
+    out = FrameProcessor("invert", {}, CPU).process(padded_yuv)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, FrameProcessor("invert", {}, CPU).process(padded_yuv.copy()))
 
 
 def test_process_rejects_a_malformed_frame() -> None:
-    processor = FrameProcessor("invert", {}, CPU)
-    with pytest.raises(ValueError):
-        processor.process(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError):
-        processor.process(np.zeros((4, 4, 3), np.float32))
+    for name, frame in [
+        ("edges", np.zeros((4, 4), np.uint8)),
+        ("edges", np.zeros((4, 4, 3), np.float32)),
+        ("invert", np.zeros((4, 4, 3), np.uint8)),  # RGB to a YUV pipeline
+        ("invert", np.zeros((4, 4), np.uint8)),  # not H*3/2 rows
+        ("invert", np.zeros((6, 5), np.uint8)),  # odd width: frame_to_array pads those
+    ]:
+        with pytest.raises(ValueError):
+            FrameProcessor(name, {}, CPU).process(frame)
 
 
 def test_set_parameters_switches_and_updates_pipelines() -> None:
@@ -377,8 +462,11 @@ def test_set_parameters_switches_and_updates_pipelines() -> None:
     processor = FrameProcessor("passthrough", {}, CPU)
     np.testing.assert_array_equal(processor.process(image), image)
     processor.set_parameters("invert", {})
-    np.testing.assert_array_equal(processor.process(image), 255 - image)
+    assert processor.frame_format == "yuv420p"
+    inverted = processor.process_frames([decoded(image)])[0].to_ndarray(format="rgb24")
+    assert np.abs(inverted.astype(int) - (255 - image)).max() <= 8
     processor.set_parameters("blur", {"radius": 0})
+    assert processor.frame_format == "rgb24"
     np.testing.assert_array_equal(processor.process(image), image)
     processor.set_parameters("blur", {"radius": 2})
     np.testing.assert_array_equal(processor.process(image), run("blur", image, radius=2))
