@@ -12,9 +12,13 @@ of another timestamp). Hence:
 - Once a frame has gone (or been dropped), the next sequence number begins the
   next frame, which goes as soon as it is there without a gap up to its marked
   packet (or up to a packet of another timestamp, aiortc's rule).
-- The first packet received is taken as a frame start, as aiortc does, but its
-  frame goes by aiortc's rule, when the next frame begins: should an earlier
-  packet arrive meanwhile (reordering), the frame lacked its start and is dropped.
+- The first packet received is taken as a frame start, as aiortc does, and its
+  frame too goes at its marked packet. Should an earlier packet arrive before
+  then (reordering), the frame lacked its start and is dropped; one arriving
+  after it went is dropped as aiortc drops it, and the decoder's error asks the
+  sender for a keyframe. Waiting for the next frame instead would hold every
+  later frame back by one whenever each fits in one packet (a still picture):
+  each arriving packet would release the frame before it.
 - After one of the buffer's resets (a sequence jump of MAX_MISORDER or more, a
   capacity overflow; both ask the sender for a keyframe) the origin may be
   mid-frame: packets are dropped up to the first one sure to begin a frame.
@@ -53,8 +57,7 @@ class MarkerReleaseJitterBuffer(JitterBuffer):
         # A reset moved the origin, or the first frame lost its start: find a frame start.
         if self._origin != self._frame_start and not self._drop_to_frame_start():
             return None
-        # The first frame received may still lack earlier packets: it ends only when the next begins.
-        while (length := self._frame_length(end_at_marker=self._last_timestamp is not None)) is not None:
+        while (length := self._frame_length()) is not None:
             packets = [self._packet(count) for count in range(length)]
             stale = packets[0].timestamp == self._last_timestamp
             self._take(length, packets[0].timestamp)
@@ -63,7 +66,7 @@ class MarkerReleaseJitterBuffer(JitterBuffer):
                 return JitterFrame(data=data, timestamp=packets[0].timestamp)
         return None
 
-    def _frame_length(self, end_at_marker: bool) -> int | None:
+    def _frame_length(self) -> int | None:
         """How many packets from the origin make up its frame, once all are here."""
         first = self._packet(0)
         for count in range(self.capacity):
@@ -72,7 +75,7 @@ class MarkerReleaseJitterBuffer(JitterBuffer):
                 return None  # a gap: the frame waits for the missing packet
             if packet.timestamp != first.timestamp:
                 return count  # the next frame began
-            if packet.marker and end_at_marker:
+            if packet.marker:
                 return count + 1
         return None
 
