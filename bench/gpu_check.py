@@ -44,7 +44,7 @@ from aiortc import VideoStreamTrack
 sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
 
 from media_pipeline.batching import FrameBatcher  # noqa: E402
-from media_pipeline.pipelines import FrameProcessor, available_pipelines  # noqa: E402
+from media_pipeline.pipelines import FrameProcessor, available_pipelines, frame_to_array  # noqa: E402
 from media_pipeline.tracks import PipelineTrack  # noqa: E402
 
 SIZE = 512
@@ -80,8 +80,10 @@ def memory(device: torch.device) -> dict[str, float] | None:
     }
 
 
-def throughput(name: str, device: torch.device, pixels: np.ndarray) -> dict[str, float]:
+def throughput(name: str, device: torch.device, rgb: np.ndarray) -> dict[str, float]:
     processor = FrameProcessor(name, {}, device)
+    # In the pixel format the pipeline works in (yuv420p for invert and grayscale).
+    pixels = frame_to_array(av.VideoFrame.from_ndarray(rgb, format="rgb24"), processor.frame_format)
     try:
         for _ in range(WARMUP_FRAMES):
             processor.process(pixels)
@@ -94,9 +96,10 @@ def throughput(name: str, device: torch.device, pixels: np.ndarray) -> dict[str,
     return {"fps": round(THROUGHPUT_FRAMES / elapsed, 1), "ms_per_frame": round(elapsed / THROUGHPUT_FRAMES * 1000, 3)}
 
 
-def batch_throughput(name: str, device: torch.device, pixels: np.ndarray, max_batch: int) -> dict[str, Any]:
+def batch_throughput(name: str, device: torch.device, rgb: np.ndarray, max_batch: int) -> dict[str, Any]:
     """Frames per second through ``name`` one frame per forward, and ``max_batch`` frames per forward."""
     processor = FrameProcessor(name, {}, device)
+    pixels = frame_to_array(av.VideoFrame.from_ndarray(rgb, format="rgb24"), processor.frame_format)
     by_batch: dict[str, Any] = {}
     try:
         for batch in (1, max_batch):
