@@ -57,6 +57,12 @@ async def _db(func: Callable[..., Any], **kwargs: Any) -> Any:
     return await asyncio.wait_for(liveness_db(func, **kwargs), DB_CALL_TIMEOUT_SECONDS)
 
 
+def _negotiation_error(exc: Exception, session_id: str, request_id: Any) -> SignalingError:
+    """The reply to an offer the worker could not answer: the error's own code, or ERROR for the unexpected."""
+    code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
+    return {"type": "signaling.error", "session_id": session_id, "code": code, "error": text, "request_id": request_id}
+
+
 class MediaWorker:
     def __init__(self, *, capacity: int, device: torch.device | None = None) -> None:
         self.capacity = capacity
@@ -204,14 +210,9 @@ class MediaWorker:
                 answer = await asyncio.wait_for(peer.open(sdp=message["sdp"], sdp_type=message["sdp_type"]),
                                                 settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
             except Exception as exc:
-                code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
                 if not isinstance(exc, ScopeError):
                     logger.exception("negotiation of session %s failed", session_id)
-                reply: SignalingError = {
-                    "type": "signaling.error", "session_id": session_id, "code": code, "error": text,
-                    "request_id": message["request_id"],
-                }
-                await self._reply(message, reply)
+                await self._reply(message, _negotiation_error(exc, session_id, message["request_id"]))
                 await _db(services.session_close, session_id=session_id, reason=CloseReason.ERROR,
                           by=f"worker:{self.worker_id}:negotiation")
                 return
@@ -314,12 +315,9 @@ class MediaWorker:
             answer = await asyncio.wait_for(peer.broadcast.add_viewer(viewer_id=viewer_id, sdp=message["sdp"]),
                                             settings.SCOPE_NEGOTIATION_TIMEOUT_SECONDS)
         except Exception as exc:
-            code, text = (exc.code, exc.message) if isinstance(exc, ScopeError) else ("ERROR", "Negotiation failed.")
             if not isinstance(exc, ScopeError):
                 logger.exception("session %s: viewer %s's negotiation failed", session_id, viewer_id)
-            error: SignalingError = {"type": "signaling.error", "session_id": session_id, "code": code, "error": text,
-                                     "request_id": viewer_id}
-            await self._reply(message, error)
+            await self._reply(message, _negotiation_error(exc, session_id, viewer_id))
             await self._viewer_left(session_id, viewer_id, "negotiation_failed")
             return
         reply: SignalingAnswer = {"type": "signaling.answer", "session_id": session_id, "sdp": answer.sdp,

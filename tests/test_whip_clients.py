@@ -203,15 +203,20 @@ def viewer_peer_ended(page: Page) -> dict[str, Any] | None:
     return peer if ended else None
 
 
+def live_publisher(server: ScopeServer, publish):
+    """whip-client publishing through invert, once its session is live: (publisher, session id)."""
+    publisher = publish(pipeline="invert")
+    wait_live(server, publisher.session_id)
+    return publisher, publisher.session_id
+
+
 # --- a: publish, watch, hang up -------------------------------------------------------
 
 
 def test_gstreamer_publisher_is_watched_and_its_hang_up_ends_the_session(
     browser, contexts, server, publish, player_bundle
 ):
-    publisher = publish(pipeline="invert")
-    session_id = publisher.session_id
-    wait_live(server, session_id)
+    publisher, session_id = live_publisher(server, publish)
 
     page = open_viewer(browser, contexts, server, player_bundle, session_id, "alice")
     wait_playing(page)
@@ -243,9 +248,7 @@ def test_gstreamer_publisher_is_watched_and_its_hang_up_ends_the_session(
 def test_a_closed_viewer_leaves_the_other_playing_and_an_operator_delete_stops_every_frame(
     browser, contexts, server, publish, player_bundle
 ):
-    publisher = publish(pipeline="invert")
-    session_id = publisher.session_id
-    wait_live(server, session_id)
+    publisher, session_id = live_publisher(server, publish)
     # The owner and an operator watch.
     closing = open_viewer(browser, contexts, server, player_bundle, session_id, "alice")
     staying = open_viewer(browser, contexts, server, player_bundle, session_id, "staff")
@@ -294,9 +297,7 @@ def test_a_closed_viewer_leaves_the_other_playing_and_an_operator_delete_stops_e
 
 
 def test_a_killed_publisher_ends_idle_and_its_viewer_peer_closes(browser, contexts, server, publish, player_bundle):
-    publisher = publish(pipeline="invert")
-    session_id = publisher.session_id
-    wait_live(server, session_id)
+    publisher, session_id = live_publisher(server, publish)
     page = open_viewer(browser, contexts, server, player_bundle, session_id, "alice")
     wait_playing(page)
 
