@@ -3,8 +3,11 @@
 No Django, no channel layer, no database, no signaling consumer: a WebSocket
 on 127.0.0.1 that answers offers, and the project's own ``FrameProcessor`` and
 ``PipelineTrack`` (same torch op, latest frame wins, one pipeline thread per
-device, sessions batched by the same ``FrameBatcher`` and settings). What the benches measure here is what aiortc and torch cost by
-themselves, so each project figure can be given as a ratio to it.
+device, sessions batched by the same ``FrameBatcher`` and settings), with
+aiortc as shipped: its jitter buffer and its VP8 encoder settings, none of the
+server's patches (``scope_site.process.apply_patches``). What the benches
+measure here is what aiortc and torch cost by themselves, so each project
+figure can be given as a ratio to it.
 
 It speaks the subset of the signaling protocol the bench client uses
 (``ready``, ``offer`` → ``answer``, ``error``), plus:

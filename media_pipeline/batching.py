@@ -6,10 +6,22 @@ the same size, running their frames as one batch of N costs one
 forward pass instead of N. ``FrameBatcher`` (one per device, owned by the
 worker) collects them: the first frame of a group opens a window of
 ``window_seconds``; the group runs when the window ends, when it holds
-``max_batch`` frames, or as soon as every session that shares its key has a
-frame in it, so a session alone on its pipeline never waits. Each session
-still hands over only its newest frame (``PipelineTrack``: latest frame wins)
-and awaits its own future.
+``max_batch`` frames (or the group's size limit), or as soon as every
+session that shares its key has a frame in it, so a session alone on its
+pipeline never waits. Each session still hands over only its newest frame
+(``PipelineTrack``: latest frame wins) and awaits its own future.
+
+Batching only pays where a forward of N costs less than N forwards of one (a
+GPU). On a CPU a convolution's cost grows with the batch, and a frame in a
+batch comes back only when the whole batch is done, so there it would buy
+nothing and cost latency. So the batcher measures, per key, what a frame
+costs in batches of each size, and a group collects no more frames than the
+smallest size within ``MIN_BATCH_GAIN`` of the cheapest per frame: on a CPU
+that is usually 1 (every frame runs as it comes), on a GPU the largest.
+Until both a lone frame and a batch have been measured, groups batch as far
+as the sessions allow. Every ``PROBE_INTERVAL_SECONDS`` one group runs alone
+and, the next time, one as large as ``max_batch``, so the figures follow the
+load.
 
 Pipelines that cannot batch (``Pipeline.batchable`` false) and passthrough run
 one frame at a time, as before. A session that stops withdraws its pending
@@ -30,6 +42,15 @@ from . import metrics
 from .pipelines import FrameProcessor
 
 
+# A larger batch must save this share of each frame's time to be worth the wait for its last frame.
+MIN_BATCH_GAIN = 0.1
+FIRST_PROBE_SECONDS = 1.0
+PROBE_INTERVAL_SECONDS = 10.0
+COST_SMOOTHING = 0.3  # weight of the newest measurement in each size's running cost
+# Keys measured at once: a session sweeping a parameter makes a new key per value.
+MAX_SIZED_KEYS = 64
+
+
 class FrameWithdrawn(Exception):
     """The session stopped while its frame waited for (or ran in) a batch."""
 
@@ -44,6 +65,34 @@ class _Entry:
 
 
 @dataclass
+class _Sizing:
+    """What a frame has cost in batches of each size, for one key; so how many frames its groups collect."""
+
+    seconds_per_frame: dict[int, float] = field(default_factory=dict)
+    next_probe_at: float | None = None
+    probe_alone_next: bool = True
+
+    def note(self, size: int, seconds: float) -> None:
+        cost = seconds / size
+        known = self.seconds_per_frame.get(size)
+        self.seconds_per_frame[size] = cost if known is None else known + COST_SMOOTHING * (cost - known)
+
+    def limit(self, max_batch: int, now: float) -> int:
+        """The most frames a group of this key opening ``now`` may collect."""
+        if self.next_probe_at is None:
+            self.next_probe_at = now + FIRST_PROBE_SECONDS
+        elif now >= self.next_probe_at:
+            self.next_probe_at = now + PROBE_INTERVAL_SECONDS
+            alone, self.probe_alone_next = self.probe_alone_next, not self.probe_alone_next
+            return 1 if alone else max_batch
+        costs = self.seconds_per_frame
+        if 1 not in costs or len(costs) < 2:  # nothing to compare yet
+            return max_batch
+        cheapest = min(costs.values())
+        return min(size for size, cost in costs.items() if cost * (1 - MIN_BATCH_GAIN) <= cheapest)
+
+
+@dataclass
 class FrameBatcher:
     """Runs sessions' frames on the device's frame thread (``executor``), batched where their pipelines allow."""
 
@@ -54,6 +103,9 @@ class FrameBatcher:
     _members: dict[FrameProcessor, Hashable | None] = field(default_factory=dict)
     _pending: dict[Hashable, list[_Entry]] = field(default_factory=dict)
     _windows: dict[Hashable, asyncio.TimerHandle] = field(default_factory=dict)
+    _sizing: dict[Hashable, _Sizing] = field(default_factory=dict)
+    # The size limit of each open group, set when its first frame came.
+    _limits: dict[Hashable, int] = field(default_factory=dict)
     _runs: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
     # Histogram children by pipeline name, bound once (the frame path never looks a label up).
@@ -84,6 +136,8 @@ class FrameBatcher:
             return future
         self._members[processor] = key
         group = self._pending.setdefault(key, [])
+        if not group:
+            self._limits[key] = self._sizing_of(key).limit(self.max_batch, time.monotonic())
         group.append(entry)
         if not self._flush_if_complete(key) and key not in self._windows:
             self._windows[key] = asyncio.get_running_loop().call_later(self.window_seconds, self._flush, key)
@@ -122,7 +176,7 @@ class FrameBatcher:
         if not group:
             return False
         sharing = sum(1 for member_key in self._members.values() if member_key == key)
-        if len(group) >= self.max_batch or len(group) >= sharing:
+        if len(group) >= self._limits.get(key, self.max_batch) or len(group) >= sharing:
             self._flush(key)
             return True
         return False
@@ -135,9 +189,18 @@ class FrameBatcher:
 
     def _drop_group(self, key: Hashable) -> None:
         self._pending.pop(key, None)
+        self._limits.pop(key, None)
         window = self._windows.pop(key, None)
         if window is not None:
             window.cancel()
+
+    def _sizing_of(self, key: Hashable) -> _Sizing:
+        sizing = self._sizing.get(key)
+        if sizing is None:
+            if len(self._sizing) >= MAX_SIZED_KEYS:
+                del self._sizing[next(iter(self._sizing))]  # the longest known
+            sizing = self._sizing[key] = _Sizing()
+        return sizing
 
     def _start(self, entries: list[_Entry]) -> None:
         run = asyncio.get_running_loop().create_task(self._run(entries), name="frame-batch")
@@ -146,12 +209,14 @@ class FrameBatcher:
 
     async def _run(self, entries: list[_Entry]) -> None:
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._process, entries)
+            outcomes, timings = await asyncio.get_running_loop().run_in_executor(self.executor, self._process, entries)
         except asyncio.CancelledError:  # stopped: nobody waits past the stop
             self._settle(entries, [FrameWithdrawn() for _ in entries])
             raise
         except RuntimeError as exc:  # the executor is shut down
-            outcomes = [exc for _ in entries]
+            outcomes, timings = [exc for _ in entries], []
+        for key, size, seconds in timings:
+            self._sizing_of(key).note(size, seconds)
         self._settle(entries, outcomes)
 
     @staticmethod
@@ -166,8 +231,11 @@ class FrameBatcher:
 
     # --- on the frame thread ---------------------------------------------------------
 
-    def _process(self, entries: list[_Entry]) -> list[VideoFrame | BaseException]:
-        """Run ``entries`` (withdrawn ones skipped): one forward per group whose key still holds, else one each."""
+    def _process(self, entries: list[_Entry]) -> tuple[list[VideoFrame | BaseException], list[tuple[Hashable, int, float]]]:
+        """Run ``entries`` (withdrawn ones skipped): one forward per group whose key still holds, else one each.
+
+        Also (key, frames, seconds) of each group's forward, for the batch sizing.
+        """
         outcomes: list[VideoFrame | BaseException] = [FrameWithdrawn() for _ in entries]
         groups: dict[Hashable, list[int]] = {}
         for index, entry in enumerate(entries):
@@ -179,10 +247,13 @@ class FrameBatcher:
                 outcomes[index] = self._one(entry)
             else:
                 groups.setdefault(entry.key, []).append(index)
-        for indexes in groups.values():
+        timings: list[tuple[Hashable, int, float]] = []
+        for key, indexes in groups.items():
+            started = time.perf_counter()
             for index, outcome in zip(indexes, self._batch([entries[i] for i in indexes])):
                 outcomes[index] = outcome
-        return outcomes
+            timings.append((key, len(indexes), time.perf_counter() - started))
+        return outcomes, timings
 
     def _one(self, entry: _Entry) -> VideoFrame | BaseException:
         processor, frame = entry.processor, entry.frame

@@ -3,7 +3,7 @@
 - ``apply_patches()``, once at process start (the web process's ASGI module,
   the ``mediaworker`` command): the changes this server makes to aioice
   (``SCOPE_ICE_ENFORCE_LIST``, ``SCOPE_ICE_DENY_LIST``), aiortc (the jitter
-  buffer's release at the marker bit) and daphne (the 64 KiB message cap, its
+  buffer's release at the marker bit, the VP8 output encoder's settings) and daphne (the 64 KiB message cap, its
   access log sent through logging).
   Each reaches into its library's internals, so each is applied only to the
   version it was written for: another version stops the process at start,
@@ -55,6 +55,7 @@ def apply_patches() -> None:
                 f"{package} {installed} is installed, but this server patches {package} {expected}: "
                 "install requirements.txt"
             )
+    from media_pipeline.encoders import use_pipeline_vp8_encoder
     from media_pipeline.ice import deny_remote_networks, enforce_ice_addresses
     from media_pipeline.jitter import release_frames_on_marker
 
@@ -66,6 +67,8 @@ def apply_patches() -> None:
     deny_remote_networks(settings.SCOPE_ICE_DENY_LIST)
     if settings.SCOPE_RELEASE_ON_MARKER:
         release_frames_on_marker()
+    if settings.SCOPE_PIPELINE_VP8:
+        use_pipeline_vp8_encoder()
     _patched = True
 
 

@@ -290,6 +290,9 @@ if SCOPE_BATCH_WINDOW_MS < 0 or SCOPE_MAX_BATCH < 1:
 # Hand a received video frame to the decoder at its RTP marker bit rather than
 # at the next frame's first packet (media_pipeline/jitter.py): one frame less latency.
 SCOPE_RELEASE_ON_MARKER = env_bool("SCOPE_RELEASE_ON_MARKER", True)
+# Encode sessions' VP8 output with libvpx set for a pipeline's picture (no denoiser, speed 12)
+# instead of aiortc's camera settings (media_pipeline/encoders.py): the largest cost of a frame on a CPU.
+SCOPE_PIPELINE_VP8 = env_bool("SCOPE_PIPELINE_VP8", True)
 # Failed logins (the login page and the admin's) before a 429, and for how long they count.
 SCOPE_LOGIN_FAILURES_PER_USERNAME = int(env_float("SCOPE_LOGIN_FAILURES_PER_USERNAME", 5))
 SCOPE_LOGIN_FAILURES_PER_ADDRESS = int(env_float("SCOPE_LOGIN_FAILURES_PER_ADDRESS", 20))

@@ -16,6 +16,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
+from media_pipeline import batching
 from media_pipeline.batching import FrameBatcher, FrameWithdrawn
 from media_pipeline.pipelines import FrameProcessor, InvertPipeline, ParameterSpec, Pipeline
 from media_pipeline.tracks import PipelineTrack
@@ -257,6 +258,82 @@ async def test_latest_frame_wins_per_session_while_a_batch_runs(executor: Thread
     for track in tracks:
         track.stop()
     await batcher.stop()
+
+
+class PacedSpy(SpyPipeline):
+    """A spy whose forward takes ``SECONDS`` per frame (a CPU: the batch costs as much as its frames
+    one by one) or per call (``PER_CALL``, a GPU: a batch of any size costs one frame's time)."""
+
+    SECONDS = 0.02  # per-call overhead (about 0.7 ms here) well under MIN_BATCH_GAIN of it
+    PER_CALL = False
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.SECONDS * (1 if PacedSpy.PER_CALL else frames.shape[0]))
+        return super().forward(frames)
+
+
+async def stream_for(batcher: FrameBatcher, members: list[FrameProcessor], seconds: float) -> None:
+    """Each member submits a frame, awaits it and submits the next, for ``seconds``."""
+    async def session(member: FrameProcessor) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await batcher.submit(member, frame(7))
+    await asyncio.gather(*(session(member) for member in members))
+
+
+@pytest.mark.parametrize(("per_call", "expected_size"), [(False, 1), (True, 4)], ids=["cpu-like", "gpu-like"])
+async def test_groups_batch_only_as_far_as_batching_saves_time_per_frame(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, per_call: bool, expected_size: int
+) -> None:
+    """Once a lone frame and a batch have been timed, four sessions' frames run one by one where a batch
+    costs its frames' time (waiting for the others' frames buys nothing) and together where it costs one."""
+    monkeypatch.setattr(batching, "FIRST_PROBE_SECONDS", 0.2)
+    PacedSpy.PER_CALL = per_call
+    with mock.patch("media_pipeline.pipelines.available_pipelines", return_value={"spy": PacedSpy}):
+        members = [processor() for _ in range(4)]
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    sharing(batcher, *members)
+    await stream_for(batcher, members, 0.6)
+    assert SpyPipeline.calls[0] == 4, "before anything is measured, the sessions' frames share a forward"
+    assert 1 in SpyPipeline.calls, "the first probe runs a frame alone"
+    SpyPipeline.calls = []
+    await stream_for(batcher, members, 0.3)  # the next probe is PROBE_INTERVAL_SECONDS away
+    assert set(SpyPipeline.calls) == {expected_size}, SpyPipeline.calls
+    await batcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_frame", "limit"),
+    [
+        ({}, 8),  # nothing measured: as far as the sessions allow
+        ({4: 0.010}, 8),  # no lone frame to compare with
+        ({1: 0.025, 4: 0.030, 8: 0.050}, 1),  # a CPU: every batch costs more per frame
+        ({1: 0.025, 4: 0.024}, 1),  # saving under MIN_BATCH_GAIN: not worth the wait
+        ({1: 0.010, 2: 0.006, 4: 0.003, 8: 0.0016}, 8),
+        ({1: 0.010, 4: 0.0020, 8: 0.0019}, 4),  # the smallest size within the gain of the cheapest
+    ],
+)
+def test_a_groups_size_limit_follows_the_measured_cost_per_frame(seconds_per_frame: dict[int, float], limit: int):
+    sizing = batching._Sizing(seconds_per_frame=dict(seconds_per_frame))
+    assert sizing.limit(8, now=100.0) == limit
+
+
+def test_the_sizes_are_probed_alone_then_full_at_intervals():
+    sizing = batching._Sizing(seconds_per_frame={1: 0.025, 4: 0.030})
+    start = 100.0
+    assert sizing.limit(8, now=start) == 1
+    probe = start + batching.FIRST_PROBE_SECONDS
+    assert sizing.limit(8, now=probe) == 1, "the first probe: a frame alone"
+    assert sizing.limit(8, now=probe + 0.1) == 1
+    assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS) == 8, "the next: as large as allowed"
+    assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS + 0.1) == 1
+
+
+def test_a_sizes_cost_is_smoothed_over_its_batches():
+    sizing = batching._Sizing()
+    sizing.note(4, 0.040)
+    sizing.note(4, 0.080)
+    assert sizing.seconds_per_frame[4] == pytest.approx(0.010 + batching.COST_SMOOTHING * 0.010)
 
 
 async def test_stop_fails_pending_frames_and_later_ones(executor: ThreadPoolExecutor) -> None:
