@@ -8,7 +8,10 @@ Against the embedded server, twice per run: batched (the worker's defaults,
 camera; after a warm-up, over ``--seconds``: throughput (frames per second
 received over all sessions), each session's fps, and glass-to-glass latency
 of every frame, p50 and p99 pooled over the sessions and the worst session's
-p99. The check: batching must not buy throughput with latency, batched p99 ≤
+p99, and the mean number of frames per forward (the server's
+``scope_pipeline_batch_frames``). Sessions share four cameras, each encoded
+once (``CameraSet``), so the client's own encoders do not compete with the
+measurement. The check: batching must not buy throughput with latency, batched p99 ≤
 unbatched p99 + one window. ``--runs`` repeats it all (modes alternating);
 ``--pin`` puts the server on core 0 and the client on core 1.
 
@@ -21,8 +24,9 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-from bench.client import BenchClient, BenchPeer, observe, streaming
+from bench.client import BenchClient, BenchPeer, CameraSet, observe, streaming
 from bench.common import Server, emit, on_each, pin_client, spread, summary
+from tests.test_metrics import scrape, value
 
 WARMUP_SECONDS = 3.0
 WINDOW_MS = 2.0
@@ -43,13 +47,17 @@ def main() -> None:
     async def measure(server: Server) -> dict[str, Any]:
         by_sessions: dict[str, Any] = {}
         peers: list[BenchPeer] = []
+        cameras = CameraSet()
         async with AsyncExitStack() as stack:
+            stack.push_async_callback(cameras.close)  # after every peer has closed
             for count in steps:
                 while len(peers) < count:
                     client = await stack.enter_async_context(BenchClient())
-                    peers.append(await streaming(client, server, args.pipeline))
+                    peers.append(await streaming(client, server, args.pipeline, camera=cameras.next()))
                 await asyncio.sleep(WARMUP_SECONDS)
+                forwards_before = await asyncio.to_thread(_forwards, server, args.pipeline)
                 window = await observe(peers, args.seconds)
+                forwards_after = await asyncio.to_thread(_forwards, server, args.pipeline)
                 start = time.monotonic() - args.seconds
                 per_session_p99 = [
                     summary(latencies)["p99"] for peer in peers if (latencies := peer.latencies_ms(start, time.monotonic()))
@@ -60,6 +68,7 @@ def main() -> None:
                     "latency_ms": summary(window.latency_ms),
                     "worst_session_p99_ms": max(per_session_p99, default=None),
                     "readable": window.readable,
+                    "mean_batch_frames": _mean_batch(forwards_before, forwards_after),
                 }
         return by_sessions
 
@@ -86,6 +95,18 @@ def main() -> None:
             count: spread([run["checks"][count]["throughput_gain"] for run in runs]) for count in runs[0]["checks"]
         },
     })
+
+
+def _forwards(server: Server, pipeline: str) -> tuple[float, float]:
+    """(forward passes, frames run in them) so far for ``pipeline``, from the server's metrics."""
+    samples = scrape(server, "staff")
+    return (value(samples, "scope_pipeline_batch_frames_count", pipeline=pipeline) or 0.0,
+            value(samples, "scope_pipeline_batch_frames_sum", pipeline=pipeline) or 0.0)
+
+
+def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    forwards, frames = after[0] - before[0], after[1] - before[1]
+    return round(frames / forwards, 2) if forwards else None
 
 
 def _check(batched: dict[str, Any], unbatched: dict[str, Any]) -> dict[str, Any]:

@@ -7,10 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from bench.common import LOOPBACK, Server
 from bench.framecode import FrameIndexTrack, decode, luma_plane
+from media_pipeline.broadcast import SharedEncoder, ViewerTrack
 from media_pipeline.ice import enforce_ice_addresses
 from tests.peer import DEFAULT_COLOR, ClientPeer, ScopeClient
 
@@ -33,22 +35,103 @@ class BenchClient(ScopeClient):
         return message
 
 
+class SharedCamera:
+    """One frame-index camera encoded once (VP8) and sent by every peer of a bench that ramps sessions.
+
+    With a camera and an encoder per peer, the client's cost per frame equals
+    the server's, so on one pinned core the client saturates as soon as the
+    server does and a ramp's knee says as much about the client. Shared, each
+    peer's sender only packetizes the same packets (``Encoder.pack``), and the
+    server still decodes one stream per session. A peer's picture-loss request
+    asks the shared encoder for a keyframe, which it rate-limits, and a new peer
+    starts at one.
+    """
+
+    def __init__(self) -> None:
+        self.source = FrameIndexTrack()
+        self.encoder = SharedEncoder("video/VP8")
+        self._tracks: list[ViewerTrack] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    def attach(self, sender: RTCRtpSender) -> ViewerTrack:
+        """Make ``sender`` send the shared stream; its track, for its peer to stop."""
+        track = ViewerTrack(self.encoder)
+        sender.replaceTrack(track)
+        sender._send_keyframe = self.encoder.request_keyframe
+        self._tracks.append(track)
+        self.encoder.request_keyframe()
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._run(), name="shared-camera")
+        return track
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self.source.recv()
+            self._tracks = [track for track in self._tracks if track.readyState == "live"]
+            if not self._tracks:
+                continue
+            packets = await loop.run_in_executor(None, self.encoder.encode, frame)
+            for track in self._tracks:
+                for packet in packets:
+                    track.push(packet)
+
+    async def close(self) -> None:
+        """Stop encoding and sending. Idempotent."""
+        if self._sending is not None:
+            self._sending.cancel()
+            await asyncio.gather(self._sending, return_exceptions=True)
+        self.source.stop()
+
+
+class CameraSet:
+    """A few SharedCameras, handed to sessions in turn.
+
+    With one camera every session's frame reaches the server at the same
+    instant, 30 times a second, and the server's load comes in bursts no real
+    set of users sends. Each camera here starts when its first session joins,
+    so at a phase of its own, and sessions are spread over them.
+    """
+
+    def __init__(self, count: int = 4) -> None:
+        self._cameras = [SharedCamera() for _ in range(count)]
+        self._handed = 0
+
+    def next(self) -> SharedCamera:
+        camera = self._cameras[self._handed % len(self._cameras)]
+        self._handed += 1
+        return camera
+
+    async def close(self) -> None:
+        await asyncio.gather(*(camera.close() for camera in self._cameras))
+
+
 class BenchPeer(ClientPeer):
     """A ClientPeer that sends the 512×512 frame-index camera and reads the index back.
 
-    ``frames`` keeps ClientPeer's meaning (arrival time, mean colour), with the
-    colour read from the luma as gray; ``latencies`` holds (arrival, glass-to-glass
-    seconds) of every frame whose index could be read; ``connected_at`` is
-    when connectionState turned ``connected``.
+    The camera is the peer's own, or a ``SharedCamera``. ``frames`` keeps
+    ClientPeer's meaning (arrival time, mean colour), with the colour read from
+    the luma as gray; ``latencies`` holds (arrival, glass-to-glass seconds) of
+    every frame whose index could be read; ``connected_at`` is when
+    connectionState turned ``connected``.
     """
 
-    def __init__(self, client: ScopeClient) -> None:
+    def __init__(self, client: ScopeClient, camera: SharedCamera | None = None) -> None:
         super().__init__(client, DEFAULT_COLOR)
         # ClientPeer always adds a solid-colour camera; swap ours in before the offer is made.
         self.track.stop()
-        self.source = FrameIndexTrack()
-        self.pc.getSenders()[0].replaceTrack(self.source)
-        self.track = self.source  # ClientPeer.close() stops it
+        sender = self.pc.getSenders()[0]
+        if camera is None:
+            self.source = FrameIndexTrack()
+            sender.replaceTrack(self.source)
+            self.track = self.source  # ClientPeer.close() stops it
+        else:
+            self.source = camera.source
+            # Only the shared encoder's codec: the sender must never encode on its own.
+            transceiver = next(t for t in self.pc.getTransceivers() if t.sender is sender)
+            transceiver.setCodecPreferences([codec for codec in RTCRtpSender.getCapabilities("video").codecs
+                                             if codec.mimeType.lower() in ("video/vp8", "video/rtx")])
+            self.track = camera.attach(sender)
         self.latencies: list[tuple[float, float]] = []
         self.unreadable = 0
         self.connected_at: float | None = None
@@ -83,11 +166,12 @@ class BenchPeer(ClientPeer):
 
 
 async def open_session(
-    client: ScopeClient, pipeline: str, params: dict[str, Any] | None = None, timeout: float = 15.0
+    client: ScopeClient, pipeline: str, params: dict[str, Any] | None = None, timeout: float = 15.0,
+    camera: SharedCamera | None = None,
 ) -> BenchPeer:
     """``ScopeClient.start_session`` with a BenchPeer: offer, apply the answer, ICE on loopback only."""
     enforce_ice_addresses([LOOPBACK])
-    peer = BenchPeer(client)
+    peer = BenchPeer(client, camera)
     client.peers.append(peer)
     try:
         await peer.negotiate({"pipeline": pipeline, **(params or {})}, timeout)
@@ -98,12 +182,13 @@ async def open_session(
 
 
 async def streaming(
-    client: ScopeClient, server: Server, pipeline: str, params: dict[str, Any] | None = None, frames: int = 1
+    client: ScopeClient, server: Server, pipeline: str, params: dict[str, Any] | None = None, frames: int = 1,
+    camera: SharedCamera | None = None,
 ) -> BenchPeer:
     """Connect as alice, wait for ``ready``, open a session; return once ``frames`` frames came back."""
     await client.connect(server, "alice")
     await client.expect("ready")
-    peer = await open_session(client, pipeline, params)
+    peer = await open_session(client, pipeline, params, camera=camera)
     await peer.wait_connected()
     await peer.wait_frames(frames)
     return peer

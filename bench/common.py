@@ -231,14 +231,15 @@ def start_bare(tmp_path: Path) -> Iterator[BareHandle]:
 
 
 @contextmanager
-def serve(target: Target, tmp_path: Path, **env: Any) -> Iterator[Server]:
-    """Start ``target`` with ``env`` as extra settings (project targets only)."""
+def serve(target: Target, tmp_path: Path, *, scaled_workers: int = 2, **env: Any) -> Iterator[Server]:
+    """Start ``target`` with ``env`` as extra settings (project targets only); scaled with ``scaled_workers``."""
     if target == "bare":
         with start_bare(tmp_path / target) as handle:
             yield handle
         return
-    start = start_embedded if target == "embedded" else start_scaled
-    with start(tmp_path / target, **_bench_env(), **env) as server:
+    started = (start_embedded(tmp_path / target, **_bench_env(), **env) if target == "embedded"
+               else start_scaled(tmp_path / target, workers=scaled_workers, **_bench_env(), **env))
+    with started as server:
         enforced = server.env.get("SCOPE_ICE_ENFORCE_LIST")
         if enforced != LOOPBACK:
             raise RuntimeError(f"refusing to bench a server whose ICE is not loopback-only: {enforced!r}")
@@ -271,7 +272,7 @@ def pin_client() -> dict[str, list[int]]:
 
 
 def on_each(targets: list[Target], run: Callable[[Server], Awaitable[T]], *, pin: bool = False,
-            **env: Any) -> dict[str, T]:
+            scaled_workers: int = 2, **env: Any) -> dict[str, T]:
     """Start each target in turn, run ``run`` against it, stop it; results by target.
 
     ``pin``: the target's processes are started on SERVER_CPUS (checked on the running
@@ -282,7 +283,7 @@ def on_each(targets: list[Target], run: Callable[[Server], Awaitable[T]], *, pin
         with ExitStack() as stack:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{target}-"))
             with _started_on(SERVER_CPUS if pin else None):
-                server = stack.enter_context(serve(target, Path(tmp), **env))
+                server = stack.enter_context(serve(target, Path(tmp), scaled_workers=scaled_workers, **env))
             if pin and os.sched_getaffinity(server_pid(server)) != SERVER_CPUS:
                 raise RuntimeError(f"{target} runs on cores {sorted(os.sched_getaffinity(server_pid(server)))}")
             results[target] = asyncio.run(run(server))
