@@ -261,14 +261,16 @@ async def test_latest_frame_wins_per_session_while_a_batch_runs(executor: Thread
 
 
 class PacedSpy(SpyPipeline):
-    """A spy whose forward takes ``SECONDS`` per frame (a CPU: the batch costs as much as its frames
-    one by one) or per call (``PER_CALL``, a GPU: a batch of any size costs one frame's time)."""
+    """A spy whose forward takes ``SECONDS`` per call (``PER_CALL``, a GPU: a batch of any size costs one
+    frame's time) or, as a convolution on a CPU did, more per frame the larger the batch (its
+    activations no longer fit in cache): a quarter more for each other frame in it."""
 
-    SECONDS = 0.02  # per-call overhead (about 0.7 ms here) well under MIN_BATCH_GAIN of it
+    SECONDS = 0.01
     PER_CALL = False
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.SECONDS * (1 if PacedSpy.PER_CALL else frames.shape[0]))
+        size = frames.shape[0]
+        time.sleep(self.SECONDS if PacedSpy.PER_CALL else self.SECONDS * size * (1 + 0.25 * (size - 1)))
         return super().forward(frames)
 
 
