@@ -249,10 +249,10 @@ class FrameBatcher:
                 groups.setdefault(entry.key, []).append(index)
         timings: list[tuple[Hashable, int, float]] = []
         for key, indexes in groups.items():
-            started = time.perf_counter()
-            for index, outcome in zip(indexes, self._batch([entries[i] for i in indexes])):
+            batch_outcomes, seconds = self._batch([entries[i] for i in indexes])
+            for index, outcome in zip(indexes, batch_outcomes):
                 outcomes[index] = outcome
-            timings.append((key, len(indexes), time.perf_counter() - started))
+            timings.append((key, len(indexes), seconds))
         return outcomes, timings
 
     def _one(self, entry: _Entry) -> VideoFrame | BaseException:
@@ -268,7 +268,8 @@ class FrameBatcher:
         self._observe(processor.name, time.perf_counter() - started, 1)
         return out
 
-    def _batch(self, entries: list[_Entry]) -> list[VideoFrame | BaseException]:
+    def _batch(self, entries: list[_Entry]) -> tuple[list[VideoFrame | BaseException], float]:
+        """Each entry's outcome, and the seconds the forward took."""
         # Same key: same pipeline class and parameters, so the first session's module serves them all.
         lead = entries[0].processor
         started = time.perf_counter()
@@ -278,9 +279,10 @@ class FrameBatcher:
                 _with_timing(out, entry.frame) for out, entry in zip(processed, entries)
             ]
         except Exception as exc:
-            return [exc for _ in entries]
-        self._observe(lead.name, time.perf_counter() - started, len(entries))
-        return outs
+            return [exc for _ in entries], time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._observe(lead.name, seconds, len(entries))
+        return outs, seconds
 
     def _observe(self, pipeline: str, seconds: float, frames: int) -> None:
         """Each frame of a batch of N observes 1/N of its time: the histogram's sum stays the thread's busy time."""

@@ -30,6 +30,7 @@ from sessions_app.turn import ice_servers_for
 
 from . import metrics
 from .dtls import as_dtls_server
+from .encoders import marked_as_keyframe
 from .ice import add_remote_candidate
 from .owned_tasks import OwnedTasks
 
@@ -65,10 +66,7 @@ class SharedEncoder:
             self._keyframe_wanted = True
         now = time.monotonic()
         if self._keyframe_wanted and now - self._last_keyframe_at >= KEYFRAME_MIN_INTERVAL:
-            if yuv is frame:
-                # The client's own sender may be encoding this very frame: mark a copy, not it.
-                yuv = av.VideoFrame.from_ndarray(frame.to_ndarray(format="yuv420p"), format="yuv420p")
-            yuv.pict_type = av.video.frame.PictureType.I
+            yuv = marked_as_keyframe(yuv, frame)
             self._keyframe_wanted = False
             self._last_keyframe_at = now
         time_base = frame.time_base or fractions.Fraction(1, 90_000)

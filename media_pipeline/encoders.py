@@ -51,10 +51,7 @@ class PipelineVp8Encoder(Vp8Encoder):
         if self.codec is None:
             self.codec = self._open(yuv.width, yuv.height)  # its first frame is a keyframe
         if force_keyframe:
-            if yuv is frame:
-                # The frame may also be on its way to the session's viewers: mark a copy, not it.
-                yuv = av.VideoFrame.from_ndarray(frame.to_ndarray(format="yuv420p"), format="yuv420p")
-            yuv.pict_type = av.video.frame.PictureType.I
+            yuv = marked_as_keyframe(yuv, frame)
         data = b"".join(bytes(packet) for packet in self.codec.encode(yuv))
         payloads = self._packetize(data, self.picture_id)
         self.picture_id = (self.picture_id + 1) % (1 << 15)
@@ -72,6 +69,19 @@ class PipelineVp8Encoder(Vp8Encoder):
         context.options = {**LIBVPX_OPTIONS, "bufsize": rate, "minrate": rate, "maxrate": rate}
         context.thread_count = number_of_threads(width * height, os.cpu_count() or 1)
         return context
+
+
+def marked_as_keyframe(yuv: av.VideoFrame, source: av.VideoFrame) -> av.VideoFrame:
+    """``yuv`` (``source`` in yuv420p) marked to be encoded whole.
+
+    A copy when it is ``source`` itself: one processed frame goes both to the
+    session's client and to its viewers' shared encoder, and a mark on it would
+    make the other encoder send a keyframe too.
+    """
+    if yuv is source:
+        yuv = av.VideoFrame.from_ndarray(source.to_ndarray(format="yuv420p"), format="yuv420p")
+    yuv.pict_type = av.video.frame.PictureType.I
+    return yuv
 
 
 def _encoder_for(codec: RTCRtpCodecParameters) -> Encoder:
