@@ -331,6 +331,17 @@ def test_the_sizes_are_probed_alone_then_full_at_intervals():
     assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS + 0.1) == 1
 
 
+async def test_a_session_sweeping_a_parameter_keeps_a_bounded_number_of_sizings(executor: ThreadPoolExecutor) -> None:
+    """Each parameter value is a key of its own: a thousand of them keep at most MAX_SIZED_KEYS measurements."""
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    member = processor()
+    for value in range(1000):
+        member.set_parameters("spy", {"level": value % 11})  # with 60 sizes: hundreds of keys
+        await batcher.submit(member, frame(value % 200, size=8 + value % 60))
+    assert len(batcher._sizing) == batching.MAX_SIZED_KEYS
+    await batcher.stop()
+
+
 def test_a_sizes_cost_is_smoothed_over_its_batches():
     sizing = batching._Sizing()
     sizing.note(4, 0.040)
