@@ -14,6 +14,7 @@ from bench.common import LOOPBACK, Server
 from bench.framecode import FrameIndexTrack, decode, luma_plane
 from media_pipeline.broadcast import SharedEncoder, ViewerTrack
 from media_pipeline.ice import enforce_ice_addresses
+from media_pipeline.jitter import release_frames_on_marker
 from tests.peer import DEFAULT_COLOR, ClientPeer, ScopeClient
 
 
@@ -169,8 +170,16 @@ async def open_session(
     client: ScopeClient, pipeline: str, params: dict[str, Any] | None = None, timeout: float = 15.0,
     camera: SharedCamera | None = None,
 ) -> BenchPeer:
-    """``ScopeClient.start_session`` with a BenchPeer: offer, apply the answer, ICE on loopback only."""
+    """``ScopeClient.start_session`` with a BenchPeer: offer, apply the answer, ICE on loopback only.
+
+    The client's receivers release each frame at its last packet, as a
+    browser's do: aiortc's own jitter buffer holds a frame until the next one
+    starts, which would add the server's output interval to every latency
+    read here (33 ms at 30 fps, and the whole gap between frames when an
+    overloaded server sends a session 2 fps).
+    """
     enforce_ice_addresses([LOOPBACK])
+    release_frames_on_marker()
     peer = BenchPeer(client, camera)
     client.peers.append(peer)
     try:
