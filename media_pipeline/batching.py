@@ -62,6 +62,7 @@ class _Entry:
     future: asyncio.Future[VideoFrame]
     # (pipeline key, height, width), or None: run on its own.
     key: Hashable | None
+    submitted_at: float  # time.perf_counter()
 
 
 @dataclass
@@ -111,6 +112,7 @@ class FrameBatcher:
     # Histogram children by pipeline name, bound once (the frame path never looks a label up).
     _seconds: dict[str, Histogram] = field(default_factory=dict)
     _sizes: dict[str, Histogram] = field(default_factory=dict)
+    _waits: dict[str, Histogram] = field(default_factory=dict)
 
     # --- sessions ----------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class FrameBatcher:
             return future
         pipeline_key = processor.batch_key() if self.max_batch > 1 else None
         key = None if pipeline_key is None else (pipeline_key, frame.height, frame.width)
-        entry = _Entry(processor, frame, future, key)
+        entry = _Entry(processor, frame, future, key, time.perf_counter())
         if key is None:
             self._start([entry])
             return future
@@ -203,6 +205,9 @@ class FrameBatcher:
         return sizing
 
     def _start(self, entries: list[_Entry]) -> None:
+        started = time.perf_counter()
+        for entry in entries:
+            self._waits_of(entry.processor.name).observe(started - entry.submitted_at)
         run = asyncio.get_running_loop().create_task(self._run(entries), name="frame-batch")
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
@@ -283,6 +288,12 @@ class FrameBatcher:
         seconds = time.perf_counter() - started
         self._observe(lead.name, seconds, len(entries))
         return outs, seconds
+
+    def _waits_of(self, pipeline: str) -> Histogram:
+        child = self._waits.get(pipeline)
+        if child is None:
+            child = self._waits[pipeline] = metrics.BATCH_WAIT_SECONDS.labels(pipeline=pipeline)
+        return child
 
     def _observe(self, pipeline: str, seconds: float, frames: int) -> None:
         """Each frame of a batch of N observes 1/N of its time: the histogram's sum stays the thread's busy time."""

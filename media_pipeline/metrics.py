@@ -51,6 +51,13 @@ BATCH_FRAMES = Histogram(
     ["pipeline"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16),
 )
+# What batching adds to a frame's trip before its forward: at most a window (SCOPE_BATCH_WINDOW_MS).
+BATCH_WAIT_SECONDS = Histogram(
+    "scope_pipeline_batch_wait_seconds",
+    "Time a frame waited for other sessions' frames to share its forward pass (0: it went on at once).",
+    ["pipeline"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1),
+)
 
 # WHEP: each processed frame is encoded once per codec its session's viewers use, whatever their number.
 VIEWER_FRAMES_ENCODED = Counter(

@@ -385,3 +385,7 @@ async def test_two_real_sessions_on_invert_share_passes_and_both_stream_inverted
         frames_run = value(samples, "scope_pipeline_batch_frames_sum", pipeline="invert")
         assert batches and frames_run > batches, f"no batch held two frames ({frames_run} frames in {batches})"
         assert value(samples, "scope_pipeline_seconds_count", pipeline="invert") == frames_run
+        # What batching added to each frame's trip: a wait, within the window (and the loop's timer slack).
+        waits = value(samples, "scope_pipeline_batch_wait_seconds_count", pipeline="invert")
+        waited = value(samples, "scope_pipeline_batch_wait_seconds_sum", pipeline="invert")
+        assert waits >= frames_run and 0 < waited / waits <= 0.040 + 0.010
