@@ -42,6 +42,7 @@ from sessions_app.services import TeardownStep
 from sessions_app.session_files import remove_session_files
 
 from .batching import FrameBatcher
+from .native_heap import release_free_heap
 from .owned_tasks import OwnedTasks
 from .peer import PeerEvents, SessionPeer
 from .pipelines import pick_device
@@ -95,6 +96,8 @@ class MediaWorker:
         }
         # Retries of session files this worker could not remove, by session.
         self._cleanup_retries: dict[str, asyncio.Task] = {}
+        # A trim of the C heap is running (one at a time: a teardown meanwhile is covered by the next).
+        self._heap_trimming = False
 
     @property
     def peer_count(self) -> int:
@@ -364,12 +367,22 @@ class MediaWorker:
                 steps = await peer.close(reason)
                 frames = peer.frame_counts()
             await _db(services.session_closed, session_id=session_id, steps=steps, frames=frames)
+        if peer is not None and not self._heap_trimming:
+            self._heap_trimming = True
+            self._tasks.spawn(self._release_free_heap(), f"heap-trim-{session_id}")
         failed = services.failed_cleanup(steps)
         if failed is not None:
             give_up_at = time.time() + settings.SCOPE_CLEANUP_GIVE_UP_SECONDS
             self._retry_cleanup(session_id, failed.detail["files_dir"], give_up_at)
         self._session_locks.pop(session_id, None)
         await self._report()
+
+    async def _release_free_heap(self) -> None:
+        """The closed session's codec and SRTP memory is free: give its pages back (off the loop)."""
+        try:
+            await asyncio.to_thread(release_free_heap)
+        finally:
+            self._heap_trimming = False
 
     # --- peer.cleanup: files that could not be removed at close -------------------
 
