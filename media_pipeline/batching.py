@@ -21,7 +21,9 @@ that is usually 1 (every frame runs as it comes), on a GPU the largest.
 Until both a lone frame and a batch have been measured, groups batch as far
 as the sessions allow. Every ``PROBE_INTERVAL_SECONDS`` one group runs alone
 and, the next time, one as large as ``max_batch``, so the figures follow the
-load.
+load. A key that has only ever run alone, though its groups could wait for
+others, runs alone between probes from the first one on: no other frame came
+within a window, so waiting again would buy nothing.
 
 Pipelines that cannot batch (``Pipeline.batchable`` false) and passthrough run
 one frame at a time, as before. A session that stops withdraws its pending
@@ -72,6 +74,7 @@ class _Sizing:
     seconds_per_frame: dict[int, float] = field(default_factory=dict)
     next_probe_at: float | None = None
     probe_alone_next: bool = True
+    probed: bool = False  # the first probe has run
 
     def note(self, size: int, seconds: float) -> None:
         cost = seconds / size
@@ -84,9 +87,14 @@ class _Sizing:
             self.next_probe_at = now + FIRST_PROBE_SECONDS
         elif now >= self.next_probe_at:
             self.next_probe_at = now + PROBE_INTERVAL_SECONDS
+            self.probed = True
             alone, self.probe_alone_next = self.probe_alone_next, not self.probe_alone_next
             return 1 if alone else max_batch
         costs = self.seconds_per_frame
+        if self.probed and set(costs) == {1}:
+            # Its groups could wait for others' frames, and none ever came within the window (a frame
+            # thread busy with one session's frame at a time): between probes, the wait would only cost.
+            return 1
         if 1 not in costs or len(costs) < 2:  # nothing to compare yet
             return max_batch
         cheapest = min(costs.values())

@@ -331,6 +331,43 @@ def test_the_sizes_are_probed_alone_then_full_at_intervals():
     assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS + 0.1) == 1
 
 
+async def test_sessions_whose_frames_never_meet_stop_waiting_a_window_each(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions taking turns (each frame sent once the other's came back, as on a frame thread busy with
+    one frame at a time) never share a window: from the first probe on, their frames no longer wait one."""
+    monkeypatch.setattr(batching, "FIRST_PROBE_SECONDS", 0.2)
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    a, b = processor(), processor()
+    sharing(batcher, a, b)
+
+    async def seconds_per_turn(turns: int) -> float:
+        started = time.monotonic()
+        for turn in range(turns):
+            await batcher.submit((a, b)[turn % 2], frame(turn))
+        return (time.monotonic() - started) / turns
+
+    assert await seconds_per_turn(4) >= WINDOW * 0.8, "before the first probe, each frame waits for the other's"
+    await seconds_per_turn(2)  # the first probe
+    assert await seconds_per_turn(10) < WINDOW / 2
+    assert set(SpyPipeline.calls) == {1}
+    await batcher.stop()
+
+
+def test_a_key_that_only_ever_ran_alone_stops_waiting_for_others_after_the_first_probe():
+    """Frames that never met within a window (the frame thread busy with one session at a time) would wait
+    a window each for nothing; the full-size probes still give batches their chance."""
+    sizing = batching._Sizing(seconds_per_frame={1: 0.050})
+    start = 100.0
+    assert sizing.limit(8, now=start) == 8, "before the first probe: as far as the sessions allow"
+    probe = start + batching.FIRST_PROBE_SECONDS
+    assert sizing.limit(8, now=probe) == 1
+    assert sizing.limit(8, now=probe + 0.1) == 1, "only ever alone: no window to wait"
+    assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS) == 8, "the full-size probe"
+    sizing.note(3, 0.045)  # that probe caught a batch, and it paid
+    assert sizing.limit(8, now=probe + batching.PROBE_INTERVAL_SECONDS + 0.1) == 3
+
+
 async def test_a_session_sweeping_a_parameter_keeps_a_bounded_number_of_sizings(executor: ThreadPoolExecutor) -> None:
     """Each parameter value is a key of its own: a thousand of them keep at most MAX_SIZED_KEYS measurements."""
     batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
