@@ -97,6 +97,12 @@ def wait_mean(page: Page, selector: str, accept, what: str, timeout: float = 10.
     raise AssertionError(f"{what}: last mean colour of {selector} was {mean}")
 
 
+def luma(mean: tuple[float, float, float]) -> float:
+    """Rec. 601 luma of a mean RGB colour."""
+    red, green, blue = mean
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
 def set_slider(page: Page, name: str, value: float) -> None:
     # Playwright cannot fill a range input; set it as a drag would, then fire 'input'.
     page.locator(f"input[data-parameter='{name}']").evaluate(
@@ -135,7 +141,10 @@ def test_invert_then_a_live_parameter_change(browser, contexts, server):
     faint = video_mean(page, "#output")
     assert faint is not None
     set_slider(page, "strength", 10)
-    wait_mean(page, "#output", lambda m: m[0] > 3 * faint[0] + 1, f"edges brighter than {faint} at strength 10")
+    # In luma, against twice the faint picture's: on a picture this dark the encoder's chroma drifts (red
+    # and blue read 2.4 where green read 1.6), and a bar set on red stood above what strength 10 showed
+    # (4-6x the luma) in one run of four.
+    wait_mean(page, "#output", lambda m: luma(m) > 2 * luma(faint) + 1, f"edges brighter than {faint} at strength 10")
     expect(page.locator("#notice")).to_be_hidden()
 
     page.get_by_role("button", name="Stop").click()
