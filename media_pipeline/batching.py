@@ -36,6 +36,7 @@ import time
 from collections.abc import Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from av import VideoFrame
 from prometheus_client import Histogram
@@ -101,6 +102,12 @@ class _Sizing:
         return min(size for size, cost in costs.items() if cost * (1 - MIN_BATCH_GAIN) <= cheapest)
 
 
+class _PipelineHistograms(NamedTuple):
+    seconds: Histogram
+    batch_frames: Histogram
+    batch_wait: Histogram
+
+
 @dataclass
 class FrameBatcher:
     """Runs sessions' frames on the device's frame thread (``executor``), batched where their pipelines allow."""
@@ -118,9 +125,7 @@ class FrameBatcher:
     _runs: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
     # Histogram children by pipeline name, bound once (the frame path never looks a label up).
-    _seconds: dict[str, Histogram] = field(default_factory=dict)
-    _sizes: dict[str, Histogram] = field(default_factory=dict)
-    _waits: dict[str, Histogram] = field(default_factory=dict)
+    _histograms: dict[str, _PipelineHistograms] = field(default_factory=dict)
 
     # --- sessions ----------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class FrameBatcher:
     def _start(self, entries: list[_Entry]) -> None:
         started = time.perf_counter()
         for entry in entries:
-            self._waits_of(entry.processor.name).observe(started - entry.submitted_at)
+            self._histograms_of(entry.processor.name).batch_wait.observe(started - entry.submitted_at)
         run = asyncio.get_running_loop().create_task(self._run(entries), name="frame-batch")
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
@@ -297,21 +302,22 @@ class FrameBatcher:
         self._observe(lead.name, seconds, len(entries))
         return outs, seconds
 
-    def _waits_of(self, pipeline: str) -> Histogram:
-        child = self._waits.get(pipeline)
-        if child is None:
-            child = self._waits[pipeline] = metrics.BATCH_WAIT_SECONDS.labels(pipeline=pipeline)
-        return child
+    def _histograms_of(self, pipeline: str) -> _PipelineHistograms:
+        histograms = self._histograms.get(pipeline)
+        if histograms is None:
+            histograms = self._histograms[pipeline] = _PipelineHistograms(
+                metrics.PIPELINE_SECONDS.labels(pipeline=pipeline),
+                metrics.BATCH_FRAMES.labels(pipeline=pipeline),
+                metrics.BATCH_WAIT_SECONDS.labels(pipeline=pipeline),
+            )
+        return histograms
 
     def _observe(self, pipeline: str, seconds: float, frames: int) -> None:
         """Each frame of a batch of N observes 1/N of its time: the histogram's sum stays the thread's busy time."""
-        child = self._seconds.get(pipeline)
-        if child is None:
-            child = self._seconds[pipeline] = metrics.PIPELINE_SECONDS.labels(pipeline=pipeline)
-            self._sizes[pipeline] = metrics.BATCH_FRAMES.labels(pipeline=pipeline)
+        histograms = self._histograms_of(pipeline)
         for _ in range(frames):
-            child.observe(seconds / frames)
-        self._sizes[pipeline].observe(frames)
+            histograms.seconds.observe(seconds / frames)
+        histograms.batch_frames.observe(frames)
 
 
 def _with_timing(out: VideoFrame, source: VideoFrame) -> VideoFrame:
