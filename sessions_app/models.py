@@ -33,6 +33,19 @@ class Worker(models.Model):
         return f"worker {self.pk} ({self.host}:{self.pid}, {self.device})"
 
 
+class SweepClock(models.Model):
+    """When the safety-net sweep last started and finished, on the database's clock: one row.
+
+    A sweep that starts long after the last one finished, or after one that
+    took long, was not running all along (its process, its host or the
+    database paused): it did not watch the heartbeats of that time, and passes
+    no verdict of silence on them.
+    """
+
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+
+
 class CloseReason(models.TextChoices):
     CLIENT_DISCONNECT = "CLIENT_DISCONNECT"
     MAX_DURATION_EXCEEDED = "MAX_DURATION_EXCEEDED"

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from . import errors
 from .errors import ScopeError
-from .models import SessionEvent, SessionViewer, StreamSession, Worker
+from .models import SessionEvent, SessionViewer, StreamSession, SweepClock, Worker
 
 
 def sessions_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[StreamSession]:
@@ -76,6 +76,29 @@ def heartbeat_cutoff() -> CombinedExpression:
 def live_workers() -> QuerySet[Worker]:
     """Workers taking sessions: active, with a heartbeat within three intervals."""
     return Worker.objects.filter(state=Worker.State.ACTIVE, heartbeat_at__gte=heartbeat_cutoff())
+
+
+@dataclass(frozen=True)
+class LastSweep:
+    """The last sweep's times, against the database's clock as it read ``now``."""
+
+    now: datetime
+    since_finished: timedelta
+    lasted: timedelta
+
+
+def last_sweep() -> LastSweep | None:
+    """None before the first sweep."""
+    row = (
+        SweepClock.objects.annotate(
+            now=Now(),
+            since_finished=ExpressionWrapper(Now() - F("finished_at"), output_field=DurationField()),
+            lasted=ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField()),
+        )
+        .values("now", "since_finished", "lasted")
+        .first()
+    )
+    return None if row is None else LastSweep(**row)
 
 
 def silent_workers(*, silent_after: CombinedExpression) -> list[int]:

@@ -39,7 +39,7 @@ from .messages import (
     SessionPlaced,
     session_group,
 )
-from .models import CloseReason, SessionEvent, SessionViewer, StreamSession, Worker
+from .models import CloseReason, SessionEvent, SessionViewer, StreamSession, SweepClock, Worker
 from .sdp import count_candidates
 
 logger = logging.getLogger(__name__)
@@ -669,6 +669,8 @@ class SweepResult:
     closed: dict[str, list[str]]  # reason → session ids this sweep ended
     resent: list[str]  # closing sessions whose worker was told again
     placed: list[str]  # queued sessions given a slot that no message had announced
+    # False: the sweep before this one finished too long ago for this one to judge silence (see sweep()).
+    silence_judged: bool = True
 
 
 def sweep() -> SweepResult:
@@ -684,26 +686,62 @@ def sweep() -> SweepResult:
 
     Each step is its own transaction through the services above, so one
     failing session does not stop the rest.
+
+    Silence (the first two) is judged only by a sweep that has been watching.
+    If the last sweep finished, or ran, for longer than a sweep interval and a
+    heartbeat, the sweep was not running all along (its process, its host or
+    the database paused), and the heartbeats of that time are likely missing
+    for the same reason, not because their writers died: in embedded mode the
+    worker, the web process and the sweep are one process. Such a sweep only
+    notes its times; the next one judges whoever has not beaten since. A
+    shorter absence cannot age a running process's heartbeat past the bound
+    on its own.
     """
-    silent_after = selectors.heartbeat_cutoff()
-    lost_workers = selectors.silent_workers(silent_after=silent_after)
-    closed: dict[str, list[str]] = {}
-    for worker_id in lost_workers:
-        ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
-        closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
-    offer_due = timezone.now() - timedelta(seconds=settings.SCOPE_OFFER_TIMEOUT_SECONDS)
-    for reason, sessions in (
-        (CloseReason.SIGNALING_LOST, selectors.sessions_with_silent_signaling(silent_after=silent_after)),
-        (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
-        (CloseReason.IDLE_TIMEOUT, selectors.sessions_placed_without_offer(before=offer_due)),
-    ):
-        for session_id in sessions:
-            if _close_quietly(session_id, reason):
-                closed.setdefault(reason, []).append(session_id)
-    stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
-    resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since) if session_resend_close(session_id=sid)]
-    _recheck_cleanups()
-    return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck())
+    last = selectors.last_sweep()
+    try:
+        watch_bound = timedelta(seconds=settings.SCOPE_SWEEP_SECONDS + settings.SCOPE_HEARTBEAT_SECONDS)
+        watching = last is not None and last.since_finished <= watch_bound and last.lasted <= watch_bound
+        closed: dict[str, list[str]] = {}
+        lost_workers: list[int] = []
+        silent_signaling: list[str] = []
+        if watching:
+            silent_after = selectors.heartbeat_cutoff()
+            lost_workers = selectors.silent_workers(silent_after=silent_after)
+            silent_signaling = selectors.sessions_with_silent_signaling(silent_after=silent_after)
+        elif last is not None:
+            logger.warning("sweep: the last sweep finished %.1f s ago and ran %.1f s: silence is judged "
+                           "from the next one", last.since_finished.total_seconds(), last.lasted.total_seconds())
+        for worker_id in lost_workers:
+            ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
+            closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
+        offer_due = timezone.now() - timedelta(seconds=settings.SCOPE_OFFER_TIMEOUT_SECONDS)
+        for reason, sessions in (
+            (CloseReason.SIGNALING_LOST, silent_signaling),
+            (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
+            (CloseReason.IDLE_TIMEOUT, selectors.sessions_placed_without_offer(before=offer_due)),
+        ):
+            for session_id in sessions:
+                if _close_quietly(session_id, reason):
+                    closed.setdefault(reason, []).append(session_id)
+        stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
+        resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since)
+                  if session_resend_close(session_id=sid)]
+        _recheck_cleanups()
+        return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck(),
+                           silence_judged=watching)
+    finally:
+        sweep_finished(started_at=None if last is None else last.now)
+
+
+@transaction.atomic
+def sweep_finished(*, started_at: datetime | None) -> None:
+    """Note, on the database's clock, when a sweep started (None: now) and that it finished now.
+
+    Whether or not every step succeeded: it ran.
+    """
+    started = Now() if started_at is None else started_at
+    if not SweepClock.objects.update(started_at=started, finished_at=Now()):
+        SweepClock.objects.create(started_at=started, finished_at=Now())
 
 
 @transaction.atomic

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from sessions_app import lifecycle, services
-from sessions_app.models import StreamSession, Worker
+from sessions_app.models import StreamSession, SweepClock, Worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,7 +84,13 @@ def kinds(session: StreamSession) -> list[str]:
     return list(session.events.values_list("kind", flat=True))
 
 
-def test_sweep_ends_a_silent_workers_sessions_worker_lost(settings) -> None:
+@pytest.fixture
+def sweep_watching() -> None:
+    """The sweep has been running: a first sweep judges no silence (it has watched nothing yet)."""
+    assert services.sweep().silence_judged is False
+
+
+def test_sweep_ends_a_silent_workers_sessions_worker_lost(settings, sweep_watching) -> None:
     silent = worker(capacity=2)
     live = offered()
     already_closing = offered()
@@ -103,7 +109,7 @@ def test_sweep_ends_a_silent_workers_sessions_worker_lost(settings) -> None:
     assert services.sweep().workers_lost == []  # once
 
 
-def test_sweep_ends_sessions_whose_signaling_went_silent(settings) -> None:
+def test_sweep_ends_sessions_whose_signaling_went_silent(settings, sweep_watching) -> None:
     worker()
     session = services.session_create_placed(owner=None, connection_id="c1", signaling_channel="test!socket")
     StreamSession.objects.filter(pk=session.pk).update(signaling_seen_at=timezone.now() - timedelta(seconds=10))
@@ -111,12 +117,33 @@ def test_sweep_ends_sessions_whose_signaling_went_silent(settings) -> None:
     assert StreamSession.objects.get(pk=session.pk).close_reason == "SIGNALING_LOST"
 
 
-def test_a_web_process_heartbeat_keeps_its_sockets_sessions(settings) -> None:
+def test_a_web_process_heartbeat_keeps_its_sockets_sessions(settings, sweep_watching) -> None:
     worker()
     session = services.session_create_placed(owner=None, connection_id="c1", signaling_channel="test!socket")
     StreamSession.objects.filter(pk=session.pk).update(signaling_seen_at=timezone.now() - timedelta(seconds=10))
     assert services.signaling_heartbeat(connection_ids=["c1"]) == 1
     assert services.sweep().closed == {}
+
+
+@pytest.mark.parametrize("last_sweep", ["finished long ago", "ran long"])
+def test_a_sweep_that_was_away_judges_silence_only_once_it_has_watched(sweep_watching, last_sweep: str) -> None:
+    """The sweep was paused with everyone else (between sweeps, or in one): it waits one sweep for the beats."""
+    beating = worker(capacity=1)
+    session = offered()
+    silent = worker(capacity=2)
+    now = timezone.now()
+    long_ago = now - timedelta(seconds=10)
+    Worker.objects.update(heartbeat_at=long_ago)
+    SweepClock.objects.update(started_at=long_ago, finished_at=long_ago if last_sweep == "finished long ago" else now)
+
+    away = services.sweep()
+    assert away.silence_judged is False and away.workers_lost == [] and away.closed == {}
+    assert set(Worker.objects.values_list("state", flat=True)) == {"active"}
+
+    services.worker_heartbeat(worker_id=beating.pk, peer_count=1, frames={})  # it was only paused
+    back = services.sweep()
+    assert back.silence_judged is True and back.workers_lost == [silent.pk]
+    assert StreamSession.objects.get(pk=session.pk).state == "negotiating"
 
 
 def test_sweep_ends_sessions_past_their_deadline() -> None:

@@ -1,6 +1,8 @@
 """Under stress: nothing stays dead, nobody hogs (docs/design.md), against real processes.
 
-A worker frozen past the silence bound comes back and is used again; a socket
+A worker frozen past the silence bound comes back and is used again, and a
+whole embedded process frozen so streams on, since nothing in it watched the
+silence; a socket
 that never offers gives its slot up; a queued socket hears of every freed
 slot, whether a close, a new worker or only the sweep found it; hundreds of
 queued sockets are served first come, first served, without starving
@@ -40,7 +42,9 @@ HEARTBEAT = 1.0
 SWEEP = 1.0
 SILENCE_BOUND = 3 * HEARTBEAT + SWEEP
 LIVENESS = {"SCOPE_HEARTBEAT_SECONDS": HEARTBEAT, "SCOPE_SWEEP_SECONDS": SWEEP}
-# How long a frozen process stays frozen: well past the silence bound.
+# The media idle timeout where a test sets it: under FROZEN_FOR.
+IDLE_AFTER = 4.0
+# How long a frozen process stays frozen: well past the silence bound (and the idle timeout, where set).
 FROZEN_FOR = SILENCE_BOUND + 2.0
 OFFER_TIMEOUT = 3.0
 MAX_QUEUE = 200
@@ -187,40 +191,39 @@ class QueueSocket:
 
 # --- 1. a worker that comes back is used again: the whole embedded process frozen --
 
-async def test_a_frozen_embedded_server_comes_back_and_streams_again(server_factory) -> None:
-    """SIGSTOP the whole embedded process (web, worker and sweeper in one), past the bound; SIGCONT.
+async def test_a_frozen_embedded_server_goes_on_streaming_when_it_comes_back(server_factory) -> None:
+    """SIGSTOP the whole embedded process (web, worker and sweeper in one) past the silence bound and
+    the idle timeout; SIGCONT: its session streams on, nothing was declared silent, new sessions stream.
 
-    Everything froze together, so which loop runs first after SIGCONT decides
-    the old session's fate; either way what the client sees must match the
-    record, and the server serves new sessions again.
+    Nothing in the process ran during the freeze, the sweep and the idle check
+    included, so nothing may judge the freeze's silence against the worker, the
+    socket or the media: they were not watching.
     """
-    server = server_factory("embedded", **LIVENESS)
+    server = server_factory("embedded", SCOPE_IDLE_TIMEOUT_SECONDS=IDLE_AFTER, **LIVENESS)
     [worker] = server.workers()
     worker_id = worker["id"]
     assert server.web_process is not None
     async with ScopeClient() as old:
         old_peer = await connect_and_stream(old, server, "alice", pipeline="invert")
+        await asyncio.sleep(2 * SWEEP)  # the sweep has been watching: a first sweep judges no silence anyway
         server.web_process.send_signal(signal.SIGSTOP)
         try:
             await asyncio.sleep(FROZEN_FOR)
         finally:
             server.web_process.send_signal(signal.SIGCONT)
         continued_at = time.monotonic()
+        frames_before = len(old_peer.frames)
 
-        # The sweep may find the worker silent and end its sessions; its own next beat revives it.
-        # Watch the row through a sweep and a beat and more: every state it reads, and when.
+        await old_peer.wait_frames(frames_before + 30, timeout=SLACK)
+        report_time("embedded SIGCONT → the old session's 30th frame since", time.monotonic() - continued_at)
+        # Watch the row through more than a sweep and a heartbeat: it never reads gone.
         states = await asyncio.to_thread(worker_timeline, server, worker_id, SWEEP + HEARTBEAT + SLACK)
-        print(f"worker row after SIGCONT: {[(round(at - continued_at, 2), state) for at, state in states]}")
-        assert states[-1][1] == "active", states
-        gone_at = next((at for at, state in states if state == "gone"), None)
-        if gone_at is not None:
-            back_at = next(at for at, state in states if at > gone_at and state == "active")
-            report_time("embedded SIGCONT → worker row reads gone", gone_at - continued_at)
-            back_after = report_time("embedded: worker row gone → active again", back_at - gone_at)
-            assert back_after <= HEARTBEAT + BEAT_SLACK
-        log = server.log_text()
-        declared_gone = gone_at is not None or "is back after being declared gone" in log
-        print(f"worker declared gone and back: {declared_gone}")
+        assert [state for _, state in states] == ["active"], states
+        assert server.session(old_peer.session_id)["state"] == "live"
+        recent = old_peer.frames_since(time.monotonic() - 1)
+        assert len(recent) > 5, f"the old session is live but only {len(recent)} frames came in the last second"
+        assert not [m for m in old.received if m.get("type") == "error"], old.received
+        assert "silence is judged from the next one" in server.log_text()
 
         async with ScopeClient() as new:
             connecting_at = time.monotonic()
@@ -230,25 +233,8 @@ async def test_a_frozen_embedded_server_comes_back_and_streams_again(server_fact
             assert server.session(new_peer.session_id)["worker"] == worker_id
             await new_peer.wait_frames(len(new_peer.frames) + 10)
 
-        old_record = server.session(old_peer.session_id)
-        print(f"old session after the freeze: {old_record['state']} {old_record['close_reason']}")
-        if old_record["state"] == "live":
-            # Nobody ended it: then it must still stream.
-            assert not declared_gone, "the worker was declared gone but its session is still live"
-            recent = old_peer.frames_since(time.monotonic() - 1)
-            assert len(recent) > 5, f"the old session reads live but only {len(recent)} frames came in the last second"
-        else:
-            # Ended: the client was told so, and the server let go of its peer.
-            error = await old.expect("error", timeout=SLACK, sessionId=old_peer.session_id)
-            assert error["code"] == server.closed_session(old_peer.session_id)["close_reason"]
-            assert error["code"] in ("WORKER_LOST", "SIGNALING_LOST", "IDLE_TIMEOUT"), error
-            await old_peer.wait_server_closed(SLACK)
-            if declared_gone:
-                assert error["code"] == "WORKER_LOST"
-
     await all_closed(server)
-    old_record = server.closed_session(old_peer.session_id)
-    assert old_record["close_reason"] in ("WORKER_LOST", "SIGNALING_LOST", "IDLE_TIMEOUT", "CLIENT_DISCONNECT")
+    assert server.closed_session(old_peer.session_id)["close_reason"] == "CLIENT_DISCONNECT"
     assert worker_state(server, worker_id) == "active"
     assert_nothing_left(server)
 
