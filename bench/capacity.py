@@ -12,8 +12,10 @@ before. Sessions share four cameras, each encoded once
 frame as the server, and on its own core it saturated as early, so the knee
 measured the client as often as the server. Each step reports ``client_busy``,
 the client's CPU time over the window's (1.0: its core is full, and the step
-says nothing about the server). The servers still decode one stream per
-session.
+says nothing about the server), and ``server_errors``, the error codes
+the server has sent its sessions (a step where it ended them, ``WORKER_LOST``
+say, measured a fault, not a capacity). The servers still decode one stream
+per session.
 
 ``--pin`` runs every server process on core 0 and the client on core 1, so
 the client's load no longer takes the server's CPU (on a 2-core machine the
@@ -61,6 +63,9 @@ def main() -> None:
             "min_fps": round(min(window.fps), 1),
             "median_fps": round(statistics.median(window.fps), 1),
             "latency_median_ms": round(statistics.median(window.latency_ms), 1) if window.latency_ms else None,
+            # The error codes the server sent so far: a step whose sessions it ended measured no capacity.
+            "server_errors": sorted(message["code"] for peer in peers for message in peer.client.received
+                                    if message.get("type") == "error"),
         }
 
     async def ramp(server: Server) -> list[dict[str, Any]]:
