@@ -669,7 +669,7 @@ class SweepResult:
     closed: dict[str, list[str]]  # reason → session ids this sweep ended
     resent: list[str]  # closing sessions whose worker was told again
     placed: list[str]  # queued sessions given a slot that no message had announced
-    # False: the sweep before this one finished too long ago for this one to judge silence (see sweep()).
+    # False: this sweep had not been watching, and ended nobody for silence (see sweep()).
     silence_judged: bool = True
 
 
@@ -699,38 +699,47 @@ def sweep() -> SweepResult:
     """
     last = selectors.last_sweep()
     try:
-        watch_bound = timedelta(seconds=settings.SCOPE_SWEEP_SECONDS + settings.SCOPE_HEARTBEAT_SECONDS)
-        watching = last is not None and last.since_finished <= watch_bound and last.lasted <= watch_bound
-        closed: dict[str, list[str]] = {}
-        lost_workers: list[int] = []
-        silent_signaling: list[str] = []
-        if watching:
-            silent_after = selectors.heartbeat_cutoff()
-            lost_workers = selectors.silent_workers(silent_after=silent_after)
-            silent_signaling = selectors.sessions_with_silent_signaling(silent_after=silent_after)
-        elif last is not None:
-            logger.warning("sweep: the last sweep finished %.1f s ago and ran %.1f s: silence is judged "
-                           "from the next one", last.since_finished.total_seconds(), last.lasted.total_seconds())
-        for worker_id in lost_workers:
-            ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
-            closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
-        offer_due = timezone.now() - timedelta(seconds=settings.SCOPE_OFFER_TIMEOUT_SECONDS)
-        for reason, sessions in (
-            (CloseReason.SIGNALING_LOST, silent_signaling),
-            (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
-            (CloseReason.IDLE_TIMEOUT, selectors.sessions_placed_without_offer(before=offer_due)),
-        ):
-            for session_id in sessions:
-                if _close_quietly(session_id, reason):
-                    closed.setdefault(reason, []).append(session_id)
-        stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
-        resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since)
-                  if session_resend_close(session_id=sid)]
-        _recheck_cleanups()
-        return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck(),
-                           silence_judged=watching)
+        return _sweep_once(watching=_sweep_was_watching(last))
     finally:
         sweep_finished(started_at=None if last is None else last.now)
+
+
+def _sweep_was_watching(last: selectors.LastSweep | None) -> bool:
+    bound = timedelta(seconds=settings.SCOPE_SWEEP_SECONDS + settings.SCOPE_HEARTBEAT_SECONDS)
+    if last is None:
+        return False  # the first sweep has watched nothing yet
+    if last.since_finished <= bound and last.lasted <= bound:
+        return True
+    logger.warning("sweep: the last sweep finished %.1f s ago and ran %.1f s: silence is judged from the next one",
+                   last.since_finished.total_seconds(), last.lasted.total_seconds())
+    return False
+
+
+def _sweep_once(*, watching: bool) -> SweepResult:
+    closed: dict[str, list[str]] = {}
+    lost_workers: list[int] = []
+    silent_signaling: list[str] = []
+    if watching:
+        silent_after = selectors.heartbeat_cutoff()
+        lost_workers = selectors.silent_workers(silent_after=silent_after)
+        silent_signaling = selectors.sessions_with_silent_signaling(silent_after=silent_after)
+    for worker_id in lost_workers:
+        ended = worker_lost(worker_id=worker_id, by="sweep:worker-silent")
+        closed.setdefault(CloseReason.WORKER_LOST, []).extend(ended)
+    offer_due = timezone.now() - timedelta(seconds=settings.SCOPE_OFFER_TIMEOUT_SECONDS)
+    for reason, sessions in (
+        (CloseReason.SIGNALING_LOST, silent_signaling),
+        (CloseReason.MAX_DURATION_EXCEEDED, selectors.sessions_past_deadline()),
+        (CloseReason.IDLE_TIMEOUT, selectors.sessions_placed_without_offer(before=offer_due)),
+    ):
+        for session_id in sessions:
+            if _close_quietly(session_id, reason):
+                closed.setdefault(reason, []).append(session_id)
+    stuck_since = timezone.now() - timedelta(seconds=settings.SCOPE_CLOSE_WAIT_SECONDS)
+    resent = [sid for sid in selectors.sessions_closing_since(before=stuck_since) if session_resend_close(session_id=sid)]
+    _recheck_cleanups()
+    return SweepResult(workers_lost=lost_workers, closed=closed, resent=resent, placed=queue_recheck(),
+                       silence_judged=watching)
 
 
 @transaction.atomic
