@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiortc import RTCRtpSender
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import VIDEO_PTIME, MediaStreamError, MediaStreamTrack
 
 from bench.common import LOOPBACK, Server
 from bench.framecode import FrameIndexTrack, decode, luma_plane
@@ -48,9 +48,11 @@ class SharedCamera:
     starts at one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start_at: float | None = None) -> None:
         self.source = FrameIndexTrack()
         self.encoder = SharedEncoder("video/VP8")
+        # time.time() of the first frame (a later one if that has passed, whole frame intervals on); None: at once.
+        self._start_at = start_at
         self._tracks: list[ViewerTrack] = []
         self._sending: asyncio.Task[None] | None = None
 
@@ -67,6 +69,9 @@ class SharedCamera:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._start_at is not None:
+            # The camera's clock starts at its first frame (VideoStreamTrack), so this sets its phase.
+            await asyncio.sleep((self._start_at - time.time()) % VIDEO_PTIME)
         while True:
             frame = await self.source.recv()
             self._tracks = [track for track in self._tracks if track.readyState == "live"]
@@ -90,12 +95,17 @@ class CameraSet:
 
     With one camera every session's frame reaches the server at the same
     instant, 30 times a second, and the server's load comes in bursts no real
-    set of users sends. Each camera here starts when its first session joins,
-    so at a phase of its own, and sessions are spread over them.
+    set of users sends. The cameras here send at evenly spread phases (camera
+    k a k/count share of a frame interval after camera 0), and sessions are
+    spread over them. The phases are the same in every set, so two servers
+    measured one after the other see their frames arrive in the same pattern
+    (started when their first sessions joined, the phases were drawn anew for
+    each, and moved a saturated server's p99 by tens of ms).
     """
 
     def __init__(self, count: int = 4) -> None:
-        self._cameras = [SharedCamera() for _ in range(count)]
+        epoch = time.time()
+        self._cameras = [SharedCamera(start_at=epoch + k * VIDEO_PTIME / count) for k in range(count)]
         self._handed = 0
 
     def next(self) -> SharedCamera:
