@@ -670,7 +670,7 @@ class SweepResult:
     resent: list[str]  # closing sessions whose worker was told again
     placed: list[str]  # queued sessions given a slot that no message had announced
     # False: this sweep had not been watching, and ended nobody for silence (see sweep()).
-    silence_judged: bool = True
+    silence_judged: bool
 
 
 def sweep() -> SweepResult:
@@ -688,14 +688,14 @@ def sweep() -> SweepResult:
     failing session does not stop the rest.
 
     Silence (the first two) is judged only by a sweep that has been watching.
-    If the last sweep finished, or ran, for longer than a sweep interval and a
-    heartbeat, the sweep was not running all along (its process, its host or
-    the database paused), and the heartbeats of that time are likely missing
-    for the same reason, not because their writers died: in embedded mode the
-    worker, the web process and the sweep are one process. Such a sweep only
-    notes its times; the next one judges whoever has not beaten since. A
-    shorter absence cannot age a running process's heartbeat past the bound
-    on its own.
+    If the last sweep finished more than a sweep interval and a heartbeat
+    ago, or ran for longer than that, the sweep was not running all along
+    (its process, its host or the database paused), and the heartbeats of
+    that time are likely missing for the same reason, not because their
+    writers died: in embedded mode the worker, the web process and the sweep
+    are one process. Such a sweep only notes its times; the next one judges
+    whoever has not beaten since. A shorter absence cannot age a running
+    process's heartbeat past the bound on its own.
     """
     last = selectors.last_sweep()
     try:

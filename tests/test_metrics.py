@@ -247,7 +247,7 @@ def test_the_sweeps_actions_are_counted(client) -> None:
 
     before = actions()
     result = SweepResult(workers_lost=[7], closed={"WORKER_LOST": ["a", "b"], "IDLE_TIMEOUT": ["c"]}, resent=[],
-                         placed=["d"])
+                         placed=["d"], silence_judged=True)
     with mock.patch.object(tasks.services, "sweep", return_value=result):
         tasks.sweep()
     after = actions()

@@ -1,13 +1,12 @@
 """Under stress: nothing stays dead, nobody hogs (docs/design.md), against real processes.
 
 A worker frozen past the silence bound comes back and is used again, and a
-whole embedded process frozen so streams on, since nothing in it watched the
-silence; a socket
-that never offers gives its slot up; a queued socket hears of every freed
-slot, whether a close, a new worker or only the sweep found it; hundreds of
-queued sockets are served first come, first served, without starving
-liveness; a deactivated user or demoted staff member loses their sockets
-within a heartbeat.
+whole embedded process frozen as long streams on, since nothing in it watched
+the silence; a socket that never offers gives its slot up; a queued socket
+hears of every freed slot, whether a close, a new worker or only the sweep
+found it; hundreds of queued sockets are served first come, first served,
+without starving liveness; a deactivated user or demoted staff member loses
+their sockets within a heartbeat.
 
 Short heartbeats and sweeps keep the bounds short. Every measured time is
 printed and appended to test-artifacts/stress-times.jsonl. Each test ends with
