@@ -58,6 +58,13 @@ BATCH_WAIT_SECONDS = Histogram(
     ["pipeline"],
     buckets=(0.0001, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1),
 )
+# Every session's frames wait while Python's collector runs (it holds the GIL); media_pipeline.collector times it.
+_GC_PAUSE = Histogram(
+    "scope_gc_pause_seconds", "Time Python's garbage collector held the worker's threads, per collection.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5),
+)
+GC_PAUSE_SECONDS = tuple(_GC_PAUSE.labels(generation=str(generation)) for generation in range(3))
 
 # WHEP: each processed frame is encoded once per codec its session's viewers use, whatever their number.
 VIEWER_FRAMES_ENCODED = Counter(

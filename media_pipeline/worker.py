@@ -41,6 +41,7 @@ from sessions_app.models import CloseReason
 from sessions_app.services import TeardownStep
 from sessions_app.session_files import remove_session_files
 
+from . import collector
 from .batching import FrameBatcher
 from .native_heap import release_free_heap
 from .owned_tasks import OwnedTasks
@@ -116,13 +117,15 @@ class MediaWorker:
             capacity=self.capacity,
         )
         self.worker_id = worker.pk
+        collector.observe_pauses()
+        frozen = collector.freeze_start_up_objects()
         self._loops = [
             asyncio.create_task(self._receive_loop(), name="mediaworker-receive"),
             asyncio.create_task(self._heartbeat_loop(), name="mediaworker-heartbeat"),
             asyncio.create_task(self._idle_loop(), name="mediaworker-idle"),
         ]
-        logger.info("media worker %s on %s, capacity %s, channel %s", self.worker_id, self.device,
-                    self.capacity, self.channel_name)
+        logger.info("media worker %s on %s, capacity %s, channel %s; %s start-up objects left out of garbage "
+                    "collection", self.worker_id, self.device, self.capacity, self.channel_name, frozen)
 
     async def stop(self) -> None:
         """Drain: take no new sessions, close every session held (SERVER_SHUTDOWN), stop listening. Idempotent."""
