@@ -16,12 +16,13 @@ if [[ "${1:-}" == "--smoke" ]]; then
   capacity=(--max-sessions 3 --seconds 2 --pin)
   batching=(--sessions 1,2 --seconds 2 --pin)
   churn=(--cycles 20 --checkpoint 10)
+  neighbours=(--steady 2 --seconds 10 --pin)
   gpu_check=(--frames 10)
   marker_off=(--targets embedded,bare --sessions 1 --seconds 2 --pipelines passthrough --slow-seconds 5)
   whep_viewers=(--smoke --pin)
 else
   setup=(--cycles 30) media=() teardown=(--cycles 30) capacity=(--runs 3 --pin) batching=(--runs 3 --pin)
-  churn=() gpu_check=() whep_viewers=(--runs 3 --pin)
+  churn=() neighbours=(--runs 2 --pin) gpu_check=() whep_viewers=(--runs 3 --pin)
   marker_off=(--targets embedded,bare --sessions 1 --seconds 20 --pipelines passthrough,invert --slow-seconds 10)
 fi
 
@@ -46,6 +47,7 @@ run teardown teardown "${teardown[@]}"
 run capacity capacity "${capacity[@]}"
 run batching batching "${batching[@]}"
 run churn churn "${churn[@]}"
+run neighbours neighbours "${neighbours[@]}"
 run gpu_check gpu_check "${gpu_check[@]}"
 run whep_viewers whep_viewers "${whep_viewers[@]}"
 # The same with a camera-weight stream (noise below the code): about five RTP packets a frame, not one.
