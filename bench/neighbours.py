@@ -13,6 +13,12 @@ as the upper bound of its histogram bucket (``scope_gc_pause_seconds``): while
 it runs, every session's frames wait. ``--runs`` repeats it on a fresh
 server each time; ``--pin`` puts the server on core 0 and the client on core 1.
 
+The worst frame and the longest gap include the client's own stalls: one
+event loop runs the steady sessions' receivers and the churning sessions'
+setups and teardowns (aiortc joins a closing receiver's decoder thread on the
+loop), and held it for up to ~100 ms at a time on the bench machine. The
+collections are the server's own figures.
+
 Usage: .venv/bin/python -m bench.neighbours [--steady 3] [--seconds 120] [--runs 2] [--pin]
 """
 

@@ -4,9 +4,9 @@ A collection holds the GIL while it walks the objects of its generations, so
 every session's frames (decode, pipeline, encode, RTP) wait for it. A worker
 holds about 300 000 objects once started (Django, torch, aiortc, the
 pipelines), and they live as long as the process: a full collection walked
-them all, for 110–160 ms on the bench machine, and sessions coming and going
+them all, for 113–162 ms on the bench machine, and sessions coming and going
 set one off every 15 s or so. Frozen once the worker has started, they are
-left out, and a full collection walks what sessions allocated: 11–18 ms.
+left out, and a full collection walks what sessions allocated: 11–33 ms.
 """
 
 import gc
