@@ -35,6 +35,7 @@ FRAMES_PER_CYCLE = 5
 SETTLE_SECONDS = 3.0  # more than one heartbeat (2 s), so peer_count is fresh
 OPEN_STATES = ("waiting", "negotiating", "live", "closing")
 ERRORS_KEPT = 5
+FAILURE_CHARS = 500
 
 
 def session_count(server: ScopeServer, state: str | None = None) -> int:
@@ -42,6 +43,16 @@ def session_count(server: ScopeServer, state: str | None = None) -> int:
     response = server.api("GET", "/api/v1/sessions/", params=query)
     response.raise_for_status()
     return response.json()["count"]
+
+
+async def one_cycle(server: ScopeServer) -> str | None:
+    """Connect, stream FRAMES_PER_CYCLE frames through PIPELINE, leave; why it failed (None: it did not)."""
+    try:
+        async with BenchClient() as client:
+            await streaming(client, server, PIPELINE, frames=FRAMES_PER_CYCLE)
+    except (AssertionError, OSError, WebSocketException) as exc:  # a finding: count it, go on
+        return str(exc)
+    return None
 
 
 async def churn(server: ScopeServer, cycles: int, checkpoint: int) -> dict[str, Any]:
@@ -52,11 +63,8 @@ async def churn(server: ScopeServer, cycles: int, checkpoint: int) -> dict[str, 
     samples = {"before": process_stats(pid)}
     failures: list[str] = []
     for cycle in range(1, cycles + 1):
-        try:
-            async with BenchClient() as client:
-                await streaming(client, server, PIPELINE, frames=FRAMES_PER_CYCLE)
-        except (AssertionError, OSError, WebSocketException) as exc:  # a finding: count it, go on
-            failures.append(f"cycle {cycle}: {exc}"[:500])
+        if (failure := await one_cycle(server)) is not None:
+            failures.append(f"cycle {cycle}: {failure}"[:FAILURE_CHARS])
         if cycle in (1, checkpoint, cycles):
             samples[f"cycle_{cycle}"] = process_stats(pid)
     await asyncio.sleep(SETTLE_SECONDS)

@@ -63,17 +63,18 @@ def summary(values: list[float], *, worse: Literal["higher", "lower"] = "higher"
     if not values:
         return None
     ordered = sorted(values, reverse=worse == "lower")
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
     return {
         "n": len(ordered),
         "median": round(statistics.median(ordered), 1),
-        "p90": round(rank(0.90), 1),
-        "p99": round(rank(0.99), 1),
+        "p90": round(nearest_rank(ordered, 0.90), 1),
+        "p99": round(nearest_rank(ordered, 0.99), 1),
         "worst": round(ordered[-1], 1),
     }
+
+
+def nearest_rank(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (0–1) of ``ordered`` (sorted, worst last), by nearest rank."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def ratio(project: dict[str, float] | None, bare: dict[str, float] | None) -> dict[str, float | None] | None:

@@ -29,17 +29,13 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-from websockets.exceptions import WebSocketException
-
+from bench.churn import ERRORS_KEPT, FAILURE_CHARS, PIPELINE, one_cycle
 from bench.client import BenchClient, streaming
-from bench.common import Server, emit, on_each, pin_client, spread, summary
+from bench.common import Server, emit, nearest_rank, on_each, pin_client, spread, summary
 from tests.test_metrics import Samples, scrape, value
 
-PIPELINE = "invert"
 WARMUP_SECONDS = 2.0
-FRAMES_PER_CYCLE = 5
 FULL_COLLECTION = "2"
-ERRORS_KEPT = 5
 
 
 def main() -> None:
@@ -62,12 +58,10 @@ def main() -> None:
             start = time.monotonic()
             cycles, failures = 0, []
             while time.monotonic() - start < args.seconds:
-                try:
-                    async with BenchClient() as client:
-                        await streaming(client, server, PIPELINE, frames=FRAMES_PER_CYCLE)
+                if (failure := await one_cycle(server)) is None:
                     cycles += 1
-                except (AssertionError, OSError, WebSocketException) as exc:  # a finding: count it, go on
-                    failures.append(f"cycle {cycles + len(failures) + 1}: {exc}"[:500])
+                else:
+                    failures.append(f"cycle {cycles + len(failures) + 1}: {failure}"[:FAILURE_CHARS])
             end = time.monotonic()
             after = await asyncio.to_thread(scrape, server, "staff")
         latencies = [latency for peer in steady for latency in peer.latencies_ms(start, end)]
@@ -76,7 +70,7 @@ def main() -> None:
             "failed_cycles": len(failures),
             "failures": failures[:ERRORS_KEPT],
             "steady_latency_ms": summary(latencies),
-            "steady_latency_p999_ms": _rank(latencies, 0.999),
+            "steady_latency_p999_ms": round(nearest_rank(sorted(latencies), 0.999), 1) if latencies else None,
             "steady_longest_gap_ms": max(_longest_gap_ms(peer.latencies, start, end) for peer in steady),
             "full_collections": _full_collections(before, after),
         }
@@ -99,11 +93,6 @@ def main() -> None:
             "steady_longest_gap_ms": spread([run["steady_longest_gap_ms"] for run in runs]),
         },
     })
-
-
-def _rank(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 1) if ordered else None
 
 
 def _longest_gap_ms(arrivals: list[tuple[float, float]], start: float, end: float) -> float:
