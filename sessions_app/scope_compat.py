@@ -57,7 +57,8 @@ class ScopePipelineLoadItemSerializer(serializers.Serializer):
 class ScopePipelineLoadRequestSerializer(serializers.Serializer):
     """Scope's ``PipelineLoadRequest``: ``pipelines``, or the older ``pipeline_ids`` + ``load_params``."""
 
-    pipelines = ScopePipelineLoadItemSerializer(many=True, required=False, allow_null=True)
+    # A ListField, not many=True: DRF hands a list serializer's allow_null to its items, so [null] would pass.
+    pipelines = serializers.ListField(child=ScopePipelineLoadItemSerializer(), required=False, allow_null=True)
     pipeline_ids = serializers.ListField(child=serializers.CharField(allow_blank=True), required=False,
                                          allow_null=True)
     load_params = serializers.DictField(required=False, allow_null=True)

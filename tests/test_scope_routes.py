@@ -211,6 +211,8 @@ def test_load_of_an_unknown_pipeline_is_invalid_message(body):
         {"pipelines": None, "pipeline_ids": None},
         {"pipelines": "blur"},
         {"pipelines": [{"pipeline_id": "blur"}]},  # node_id missing
+        {"pipelines": [None]},
+        {"pipeline_ids": [None]},
         {"pipeline_ids": "blur"},
         {"pipeline_ids": ["blur"], "load_params": ["radius", 3]},
         {"pipeline_ids": ["blur"], "load_params": {"radius": 99}},
