@@ -17,9 +17,10 @@ class PipelineTrack(MediaStreamTrack):
 
     A reader task keeps only the newest decoded frame; ``recv`` hands that one
     to the device's ``FrameBatcher``, which runs it on the frame thread (with
-    other sessions' frames where their pipeline and parameters match). When the
-    pipeline is slower than the camera, older frames are dropped instead of
-    queued, so latency stays bounded.
+    other sessions' frames where their pipeline and parameters match), swapped
+    for a newer one if one came while it waited its turn. When the pipeline is
+    slower than the camera, older frames are dropped instead of queued, so
+    latency stays bounded.
     """
 
     kind = "video"
@@ -74,7 +75,7 @@ class PipelineTrack(MediaStreamTrack):
         if frame is None or self.readyState != "live":  # the source ended, or we were stopped
             self.stop()
             raise MediaStreamError
-        self._in_batcher = self._batcher.submit(self._processor, frame)
+        self._in_batcher = self._batcher.submit(self._processor, frame, newer=self._take_newer)
         try:
             processed = await self._in_batcher
         except Exception as exc:
@@ -89,6 +90,15 @@ class PipelineTrack(MediaStreamTrack):
         if self._on_processed is not None:
             self._on_processed(processed)
         return processed
+
+    def _take_newer(self) -> VideoFrame | None:
+        """The frame that came after the one in the batcher, taken: the batcher runs it instead."""
+        frame, self._latest = self._latest, None
+        if frame is not None:
+            metrics.FRAMES_DROPPED.inc()  # the one it replaces
+            if not self._source_ended:  # an end still has to wake recv
+                self._frame_ready.clear()
+        return frame
 
     def stop(self) -> None:
         super().stop()

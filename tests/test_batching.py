@@ -260,6 +260,119 @@ async def test_latest_frame_wins_per_session_while_a_batch_runs(executor: Thread
     await batcher.stop()
 
 
+class Fed(MediaStreamTrack):
+    """A source that hands out the frames a test puts in its queue."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: asyncio.Queue[VideoFrame] = asyncio.Queue()
+
+    async def recv(self) -> VideoFrame:
+        return await self.queue.get()
+
+
+async def test_a_frame_waiting_for_the_busy_frame_thread_runs_as_its_sessions_newest(
+    executor: ThreadPoolExecutor,
+) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    sources = [Fed(), Fed(), Fed()]
+    tracks = [PipelineTrack(source, processor("spy_single"), batcher, on_error=pytest.fail) for source in sources]
+    SpyPipeline.gate = threading.Event()
+    outs = []
+    for source, track, value_sent in zip(sources, tracks, (1, 2, 3)):
+        source.queue.put_nowait(frame(value_sent))
+        outs.append(asyncio.create_task(track.recv()))
+        await asyncio.sleep(0.02)
+    # The first is held in its forward, the second queued on the frame thread, the third waits its
+    # turn in the batcher; meanwhile its camera sends a newer frame.
+    sources[2].queue.put_nowait(frame(4))
+    await asyncio.sleep(0.02)
+    SpyPipeline.gate.set()
+    assert [level(out) for out in await asyncio.wait_for(asyncio.gather(*outs), 5)] == [254, 253, 251]
+    assert SpyPipeline.calls == [1, 1, 1], "the replaced frame never ran"
+    # The newer frame was taken, so the session's next frame is the next one its camera sends.
+    sources[2].queue.put_nowait(frame(5))
+    assert level(await asyncio.wait_for(tracks[2].recv(), 5)) == 250
+    for track in tracks:
+        track.stop()
+    await batcher.stop()
+
+
+async def test_a_newer_frame_of_another_size_leaves_its_batch_and_runs_alone(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    SpyPipeline.gate = threading.Event()
+    busy = batcher.submit(processor("spy_single"), frame(9))  # holds the thread
+    members = [processor(), processor()]
+    sources = [Fed(), Fed()]
+    tracks = [PipelineTrack(source, member, batcher, on_error=pytest.fail) for source, member in zip(sources, members)]
+    sharing(batcher, *members, size=16)
+    for source, value_sent in zip(sources, (1, 2)):
+        source.queue.put_nowait(frame(value_sent, size=16))
+    outs = [asyncio.create_task(track.recv()) for track in tracks]
+    await asyncio.sleep(0.02)  # both in one group, waiting for the thread
+    sources[0].queue.put_nowait(frame(3, size=32))  # the first camera changes size meanwhile
+    await asyncio.sleep(0.02)
+    SpyPipeline.gate.set()
+    await asyncio.wait_for(busy, 5)
+    first, second = await asyncio.wait_for(asyncio.gather(*outs), 5)
+    assert (first.width, level(first)) == (32, 252)
+    assert (second.width, level(second)) == (16, 253)
+    assert SpyPipeline.calls == [1, 1, 1], "no forward mixed the two sizes"
+    for track in tracks:
+        track.stop()
+    await batcher.stop()
+
+
+async def test_work_queued_on_the_frame_thread_waits_for_the_running_forward_not_every_sessions(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A session's teardown stops its pipeline on the frame thread: behind the forward running, no more."""
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    SpyPipeline.gate = threading.Event()
+    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(6)]
+    while not SpyPipeline.calls:
+        await asyncio.sleep(0.005)
+    forwards_before = asyncio.get_running_loop().run_in_executor(executor, lambda: len(SpyPipeline.calls))
+    SpyPipeline.gate.set()
+    assert await asyncio.wait_for(forwards_before, 5) == 1
+    assert [level(out) for out in await asyncio.wait_for(asyncio.gather(*futures), 5)] == [255 - v for v in range(6)]
+    await batcher.stop()
+
+
+async def test_a_pipeline_timed_cheap_gets_several_groups_on_the_thread_at_once(executor: ThreadPoolExecutor) -> None:
+    """So a cheap pipeline's frames never wait for the event loop between one forward and the next."""
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    for value_sent in range(3):  # timed: microseconds a run
+        await batcher.submit(processor("spy_single"), frame(value_sent))
+    SpyPipeline.calls.clear()
+    SpyPipeline.gate = threading.Event()
+    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(6)]
+    while not SpyPipeline.calls:
+        await asyncio.sleep(0.005)
+    forwards_before = asyncio.get_running_loop().run_in_executor(executor, lambda: len(SpyPipeline.calls))
+    SpyPipeline.gate.set()
+    assert await asyncio.wait_for(forwards_before, 5) == 6, "all six were on the thread before anything queued later"
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    await batcher.stop()
+
+
+async def test_stop_fails_frames_waiting_for_the_frame_thread(executor: ThreadPoolExecutor) -> None:
+    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
+    SpyPipeline.gate = threading.Event()
+    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(4)]
+    while not SpyPipeline.calls:
+        await asyncio.sleep(0.005)
+    stopping = asyncio.create_task(batcher.stop())
+    for future in futures[1:]:  # never handed to the thread (a pipeline not yet timed goes one group at a time)
+        with pytest.raises(FrameWithdrawn):
+            await asyncio.wait_for(future, 0.5)
+    SpyPipeline.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    assert SpyPipeline.calls == [1], "only what was on the thread ran"
+
+
 class PacedSpy(SpyPipeline):
     """A spy whose forward takes ``SECONDS`` per call (``PER_CALL``, a GPU: a batch of any size costs one
     frame's time) or, as a convolution on a CPU did, more per frame the larger the batch (its
