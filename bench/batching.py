@@ -15,11 +15,14 @@ added to its trip). Sessions share four cameras, each encoded
 once (``CameraSet``), so the client's own encoders do not compete with the
 measurement. The check: batching must not buy throughput with latency, batched p99 ≤
 unbatched p99 + one window. Under overload the p99 of either mode moves
-from run to run by tens of ms with the throughput (latency is about the
-sessions ahead in the frame thread's queue times a frame's cost), so the
-server's own batch wait is reported beside it (mean, and the frames that
+from run to run by tens of ms or more (a frame's latency is its age when its
+forward starts plus that forward, which the sessions' decoders on the same
+core slow by varying amounts), so the server's own batch wait is reported
+beside it (mean, and the frames that
 waited longer than the window plus 1 ms of timer lateness): that one the
 window bounds.
+Each step also reports ``client_busy``, the client's CPU time over the
+window's: near 1.0 the client's own stalls are in the latencies.
 ``--runs`` repeats it all (modes alternating);
 ``--pin`` puts the server on core 0 and the client on core 1.
 
@@ -66,7 +69,9 @@ def main() -> None:
                     peers.append(await streaming(client, server, args.pipeline, camera=cameras.next()))
                 await asyncio.sleep(WARMUP_SECONDS)
                 before = await asyncio.to_thread(_batch_counters, server, args.pipeline)
+                cpu_before = time.process_time()
                 window = await observe(peers, args.seconds)
+                client_busy = round((time.process_time() - cpu_before) / args.seconds, 2)
                 after = await asyncio.to_thread(_batch_counters, server, args.pipeline)
                 run_in = {name: after[name] - before[name] for name in after}
                 start = time.monotonic() - args.seconds
@@ -74,6 +79,7 @@ def main() -> None:
                     summary(latencies)["p99"] for peer in peers if (latencies := peer.latencies_ms(start, time.monotonic()))
                 ]
                 by_sessions[str(count)] = {
+                    "client_busy": client_busy,
                     "throughput_fps": round(sum(window.fps), 1),
                     "fps_per_session": [round(fps, 1) for fps in window.fps],
                     "latency_ms": summary(window.latency_ms),
