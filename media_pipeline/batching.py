@@ -9,15 +9,11 @@ worker) collects them: the first frame of a group opens a window of
 ``max_batch`` frames (or the group's size limit), or as soon as every
 session that shares its key has a frame in it, so a session alone on its
 pipeline never waits. Each session still hands over only its newest frame
-(``PipelineTrack``: latest frame wins) and awaits its own future.
-
-Groups wait their turn here, not in the frame thread's queue: the thread is
-handed about ``AHEAD_SECONDS`` of work at a time (one group of an expensive
-pipeline, several of a cheap one), and each frame is swapped for its session's
-newest as its group is handed over. A thread slower than the cameras
-therefore starts frames that are fresh, not frames that waited behind every
-other session's, and a teardown queued on the thread (the pipeline's stop)
-waits for the forward running, not for all of them.
+(``PipelineTrack``: latest frame wins) and awaits its own future. When the
+frame thread reaches a frame, it first swaps it for a newer one from the same
+session if one came while it waited: on a thread slower than the cameras a
+forward starts on a fresh frame, not on one that waited behind a frame of
+every other session.
 
 Batching only pays where a forward of N costs less than N forwards of one (a
 GPU). On a CPU a convolution's cost grows with the batch, and a frame in a
@@ -40,9 +36,7 @@ goes on without it.
 """
 
 import asyncio
-import functools
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -62,12 +56,6 @@ PROBE_INTERVAL_SECONDS = 10.0
 COST_SMOOTHING = 0.3  # weight of the newest measurement in each size's running cost
 # Keys measured at once: a session sweeping a parameter makes a new key per value.
 MAX_SIZED_KEYS = 64
-# The frame thread is handed another group only while those it holds are expected to take less than
-# this: enough to keep it busy through the event loop's hand-over of the next, so a cheap pipeline never
-# waits on the loop; short enough that an expensive forward's next frame is chosen when that forward can
-# start, not a forward earlier. A pipeline not yet timed counts as the whole of it.
-AHEAD_SECONDS = 0.005
-RUN_SMOOTHING = 0.3  # weight of the newest run in each pipeline's expected run time
 
 
 class FrameWithdrawn(Exception):
@@ -82,7 +70,7 @@ class _Entry:
     # (pipeline key, height, width), or None: run on its own.
     key: Hashable | None
     submitted_at: float  # time.perf_counter()
-    # Takes the session's frame that came after this one, if any (latest frame wins up to the forward).
+    # Takes the session's frame that came after this one, if any; safe to call from the frame thread.
     newer: Callable[[], VideoFrame | None] | None
 
     def take_newest(self) -> None:
@@ -128,11 +116,6 @@ class _Sizing:
         return min(size for size, cost in costs.items() if cost * (1 - MIN_BATCH_GAIN) <= cheapest)
 
 
-# What a run on the frame thread gives back: each entry's outcome, (key, frames, seconds) of each
-# group's forward, and the seconds the run took (None if every entry was withdrawn before it ran).
-_Processed = tuple[list[VideoFrame | BaseException], list[tuple[Hashable, int, float]], float | None]
-
-
 class _PipelineHistograms(NamedTuple):
     seconds: Histogram
     batch_frames: Histogram
@@ -153,12 +136,7 @@ class FrameBatcher:
     _sizing: dict[Hashable, _Sizing] = field(default_factory=dict)
     # The size limit of each open group, set when its first frame came.
     _limits: dict[Hashable, int] = field(default_factory=dict)
-    # Groups formed and waiting for the frame thread, oldest first.
-    _ready: deque[list[_Entry]] = field(default_factory=deque)
-    # The groups' runs handed to the frame thread and not yet back → the seconds each is expected to take.
-    _on_thread: dict[asyncio.Future[_Processed], float] = field(default_factory=dict)
-    # Each pipeline's expected run time on the frame thread (smoothed), by name.
-    _run_seconds: dict[str, float] = field(default_factory=dict)
+    _runs: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
     # Histogram children by pipeline name, bound once (the frame path never looks a label up).
     _histograms: dict[str, _PipelineHistograms] = field(default_factory=dict)
@@ -177,8 +155,8 @@ class FrameBatcher:
                newer: Callable[[], VideoFrame | None] | None = None) -> asyncio.Future[VideoFrame]:
         """Queue one session's frame; the future resolves to the processed frame.
 
-        ``newer`` hands over (and takes) a frame the session received since, if any: it replaces
-        ``frame`` when the frame's group goes to the frame thread.
+        ``newer`` hands over (and takes) a frame the session received since, if any; the frame
+        thread calls it just before it runs ``frame``, and runs what it gives instead.
         """
         future: asyncio.Future[VideoFrame] = asyncio.get_running_loop().create_future()
         if self._stopped:
@@ -215,19 +193,15 @@ class FrameBatcher:
     async def stop(self) -> None:
         """Fail every pending frame and cancel every run; later submissions fail at once. Idempotent."""
         self._stopped = True
-        while self._ready:
-            for entry in self._ready.popleft():
-                if not entry.future.done():
-                    entry.future.set_exception(FrameWithdrawn())
         for key in list(self._pending):
             for entry in self._pending[key]:
                 if not entry.future.done():
                     entry.future.set_exception(FrameWithdrawn())
             self._drop_group(key)
-        on_thread = list(self._on_thread)
-        for work in on_thread:
-            work.cancel()
-        await asyncio.gather(*on_thread, return_exceptions=True)
+        runs = list(self._runs)
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
 
     # --- grouping ------------------------------------------------------------------
 
@@ -266,45 +240,21 @@ class FrameBatcher:
         started = time.perf_counter()
         for entry in entries:
             self._histograms_of(entry.processor.name).batch_wait.observe(started - entry.submitted_at)
-        self._ready.append(entries)
-        self._hand_over()
+        run = asyncio.get_running_loop().create_task(self._run(entries), name="frame-batch")
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
 
-    def _hand_over(self) -> None:
-        """Hand ready groups to the frame thread while what it holds is expected to take under ``AHEAD_SECONDS``."""
-        loop = asyncio.get_running_loop()
-        while self._ready and not self._stopped and sum(self._on_thread.values()) < AHEAD_SECONDS:
-            entries = [entry for entry in self._ready.popleft() if not entry.future.done()]
-            if not entries:  # every session in it stopped
-                continue
-            for entry in entries:
-                entry.take_newest()
-            try:
-                work = loop.run_in_executor(self.executor, self._process, entries)
-            except RuntimeError as exc:  # the executor is shut down
-                self._settle(entries, [exc for _ in entries])
-                continue
-            self._on_thread[work] = self._run_seconds.get(entries[0].processor.name, AHEAD_SECONDS)
-            # A callback, not a task: the next group goes over one loop iteration after the thread frees.
-            work.add_done_callback(functools.partial(self._ran, entries))
-
-    def _ran(self, entries: list[_Entry], work: asyncio.Future[_Processed]) -> None:
-        self._on_thread.pop(work, None)
-        if work.cancelled():  # stopped: nobody waits past the stop
+    async def _run(self, entries: list[_Entry]) -> None:
+        try:
+            outcomes, timings = await asyncio.get_running_loop().run_in_executor(self.executor, self._process, entries)
+        except asyncio.CancelledError:  # stopped: nobody waits past the stop
             self._settle(entries, [FrameWithdrawn() for _ in entries])
-            return
-        if (error := work.exception()) is not None:
-            self._settle(entries, [error for _ in entries])
-            self._hand_over()
-            return
-        outcomes, timings, run_seconds = work.result()
-        if run_seconds is not None:
-            name = entries[0].processor.name
-            expected = self._run_seconds.get(name)
-            self._run_seconds[name] = run_seconds if expected is None else expected + RUN_SMOOTHING * (run_seconds - expected)
+            raise
+        except RuntimeError as exc:  # the executor is shut down
+            outcomes, timings = [exc for _ in entries], []
         for key, size, seconds in timings:
             self._sizing_of(key).note(size, seconds)
         self._settle(entries, outcomes)
-        self._hand_over()
 
     @staticmethod
     def _settle(entries: list[_Entry], outcomes: list[VideoFrame | BaseException]) -> None:
@@ -318,19 +268,17 @@ class FrameBatcher:
 
     # --- on the frame thread ---------------------------------------------------------
 
-    def _process(self, entries: list[_Entry]) -> _Processed:
+    def _process(self, entries: list[_Entry]) -> tuple[list[VideoFrame | BaseException], list[tuple[Hashable, int, float]]]:
         """Run ``entries`` (withdrawn ones skipped): one forward per group whose key still holds, else one each.
 
-        Also (key, frames, seconds) of each group's forward, for the batch sizing, and the run's seconds.
+        Also (key, frames, seconds) of each group's forward, for the batch sizing.
         """
-        started = time.perf_counter()
         outcomes: list[VideoFrame | BaseException] = [FrameWithdrawn() for _ in entries]
         groups: dict[Hashable, list[int]] = {}
-        ran = False
         for index, entry in enumerate(entries):
             if entry.future.done():
                 continue
-            ran = True
+            entry.take_newest()
             # Re-read here: a parameter change since submission must not run with the others' parameters.
             key = entry.processor.batch_key() if entry.key is not None else None
             if key is None or key != entry.key[0]:
@@ -343,7 +291,7 @@ class FrameBatcher:
             for index, outcome in zip(indexes, batch_outcomes):
                 outcomes[index] = outcome
             timings.append((key, len(indexes), seconds))
-        return outcomes, timings, time.perf_counter() - started if ran else None
+        return outcomes, timings
 
     def _one(self, entry: _Entry) -> VideoFrame | BaseException:
         processor, frame = entry.processor, entry.frame

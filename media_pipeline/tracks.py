@@ -1,6 +1,7 @@
 """The processed video track a worker sends back to the client."""
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 from aiortc import MediaStreamTrack
@@ -17,10 +18,10 @@ class PipelineTrack(MediaStreamTrack):
 
     A reader task keeps only the newest decoded frame; ``recv`` hands that one
     to the device's ``FrameBatcher``, which runs it on the frame thread (with
-    other sessions' frames where their pipeline and parameters match), swapped
-    for a newer one if one came while it waited its turn. When the pipeline is
-    slower than the camera, older frames are dropped instead of queued, so
-    latency stays bounded.
+    other sessions' frames where their pipeline and parameters match). When the
+    frame thread reaches it, it takes a newer one from the slot instead if one
+    came meanwhile. When the pipeline is slower than the camera, older frames
+    are dropped instead of queued, so latency stays bounded.
     """
 
     kind = "video"
@@ -41,6 +42,8 @@ class PipelineTrack(MediaStreamTrack):
         self._processor = processor
         self._batcher = batcher
         self._latest: VideoFrame | None = None
+        # The slot is read by the frame thread too (_take_newer).
+        self._latest_lock = threading.Lock()
         self._frame_ready = asyncio.Event()
         self._source_ended = False
         # The frame handed to the batcher and not yet back: withdrawn if the track stops.
@@ -54,9 +57,10 @@ class PipelineTrack(MediaStreamTrack):
         try:
             while True:
                 frame = await self._source.recv()
-                if self._latest is not None:  # the pipeline never took the previous one
+                with self._latest_lock:
+                    replaced, self._latest = self._latest, frame
+                if replaced is not None:  # the pipeline never took it
                     metrics.FRAMES_DROPPED.inc()
-                self._latest = frame
                 self.frames_in += 1
                 metrics.FRAMES_IN.inc()
                 self._frame_ready.set()
@@ -69,9 +73,14 @@ class PipelineTrack(MediaStreamTrack):
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        await self._frame_ready.wait()
-        frame, self._latest = self._latest, None
-        self._frame_ready.clear()
+        while True:
+            await self._frame_ready.wait()
+            self._frame_ready.clear()
+            with self._latest_lock:
+                frame, self._latest = self._latest, None
+            # None with the source still on: the frame thread took that frame as a newer one.
+            if frame is not None or self._source_ended or self.readyState != "live":
+                break
         if frame is None or self.readyState != "live":  # the source ended, or we were stopped
             self.stop()
             raise MediaStreamError
@@ -92,12 +101,11 @@ class PipelineTrack(MediaStreamTrack):
         return processed
 
     def _take_newer(self) -> VideoFrame | None:
-        """The frame that came after the one in the batcher, taken: the batcher runs it instead."""
-        frame, self._latest = self._latest, None
+        """The frame that came after the one in the batcher, taken (on the frame thread): it runs instead."""
+        with self._latest_lock:
+            frame, self._latest = self._latest, None
         if frame is not None:
             metrics.FRAMES_DROPPED.inc()  # the one it replaces
-            if not self._source_ended:  # an end still has to wake recv
-                self._frame_ready.clear()
         return frame
 
     def stop(self) -> None:

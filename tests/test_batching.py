@@ -285,8 +285,8 @@ async def test_a_frame_waiting_for_the_busy_frame_thread_runs_as_its_sessions_ne
         source.queue.put_nowait(frame(value_sent))
         outs.append(asyncio.create_task(track.recv()))
         await asyncio.sleep(0.02)
-    # The first is held in its forward, the second queued on the frame thread, the third waits its
-    # turn in the batcher; meanwhile its camera sends a newer frame.
+    # The first is held in its forward, the second and third wait for the frame thread; meanwhile the
+    # third's camera sends a newer frame.
     sources[2].queue.put_nowait(frame(4))
     await asyncio.sleep(0.02)
     SpyPipeline.gate.set()
@@ -323,54 +323,6 @@ async def test_a_newer_frame_of_another_size_leaves_its_batch_and_runs_alone(exe
     for track in tracks:
         track.stop()
     await batcher.stop()
-
-
-async def test_work_queued_on_the_frame_thread_waits_for_the_running_forward_not_every_sessions(
-    executor: ThreadPoolExecutor,
-) -> None:
-    """A session's teardown stops its pipeline on the frame thread: behind the forward running, no more."""
-    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
-    SpyPipeline.gate = threading.Event()
-    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(6)]
-    while not SpyPipeline.calls:
-        await asyncio.sleep(0.005)
-    forwards_before = asyncio.get_running_loop().run_in_executor(executor, lambda: len(SpyPipeline.calls))
-    SpyPipeline.gate.set()
-    assert await asyncio.wait_for(forwards_before, 5) == 1
-    assert [level(out) for out in await asyncio.wait_for(asyncio.gather(*futures), 5)] == [255 - v for v in range(6)]
-    await batcher.stop()
-
-
-async def test_a_pipeline_timed_cheap_gets_several_groups_on_the_thread_at_once(executor: ThreadPoolExecutor) -> None:
-    """So a cheap pipeline's frames never wait for the event loop between one forward and the next."""
-    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
-    for value_sent in range(3):  # timed: microseconds a run
-        await batcher.submit(processor("spy_single"), frame(value_sent))
-    SpyPipeline.calls.clear()
-    SpyPipeline.gate = threading.Event()
-    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(6)]
-    while not SpyPipeline.calls:
-        await asyncio.sleep(0.005)
-    forwards_before = asyncio.get_running_loop().run_in_executor(executor, lambda: len(SpyPipeline.calls))
-    SpyPipeline.gate.set()
-    assert await asyncio.wait_for(forwards_before, 5) == 6, "all six were on the thread before anything queued later"
-    await asyncio.wait_for(asyncio.gather(*futures), 5)
-    await batcher.stop()
-
-
-async def test_stop_fails_frames_waiting_for_the_frame_thread(executor: ThreadPoolExecutor) -> None:
-    batcher = FrameBatcher(executor, window_seconds=WINDOW, max_batch=8)
-    SpyPipeline.gate = threading.Event()
-    futures = [batcher.submit(processor("spy_single"), frame(value_sent)) for value_sent in range(4)]
-    while not SpyPipeline.calls:
-        await asyncio.sleep(0.005)
-    stopping = asyncio.create_task(batcher.stop())
-    for future in futures[1:]:  # never handed to the thread (a pipeline not yet timed goes one group at a time)
-        with pytest.raises(FrameWithdrawn):
-            await asyncio.wait_for(future, 0.5)
-    SpyPipeline.gate.set()
-    await asyncio.wait_for(stopping, 5)
-    assert SpyPipeline.calls == [1], "only what was on the thread ran"
 
 
 class PacedSpy(SpyPipeline):
