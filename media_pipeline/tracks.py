@@ -76,8 +76,7 @@ class PipelineTrack(MediaStreamTrack):
         while True:
             await self._frame_ready.wait()
             self._frame_ready.clear()
-            with self._latest_lock:
-                frame, self._latest = self._latest, None
+            frame = self._take_latest()
             # None with the source still on: the frame thread took that frame as a newer one.
             if frame is not None or self._source_ended or self.readyState != "live":
                 break
@@ -100,10 +99,15 @@ class PipelineTrack(MediaStreamTrack):
             self._on_processed(processed)
         return processed
 
-    def _take_newer(self) -> VideoFrame | None:
-        """The frame that came after the one in the batcher, taken (on the frame thread): it runs instead."""
+    def _take_latest(self) -> VideoFrame | None:
+        """Empty the one-frame slot; what was in it."""
         with self._latest_lock:
             frame, self._latest = self._latest, None
+        return frame
+
+    def _take_newer(self) -> VideoFrame | None:
+        """The frame that came after the one in the batcher, taken (on the frame thread): it runs instead."""
+        frame = self._take_latest()
         if frame is not None:
             metrics.FRAMES_DROPPED.inc()  # the one it replaces
         return frame
