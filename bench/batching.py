@@ -69,9 +69,7 @@ def main() -> None:
                     peers.append(await streaming(client, server, args.pipeline, camera=cameras.next()))
                 await asyncio.sleep(WARMUP_SECONDS)
                 before = await asyncio.to_thread(_batch_counters, server, args.pipeline)
-                cpu_before = time.process_time()
                 window = await observe(peers, args.seconds)
-                client_busy = round((time.process_time() - cpu_before) / args.seconds, 2)
                 after = await asyncio.to_thread(_batch_counters, server, args.pipeline)
                 run_in = {name: after[name] - before[name] for name in after}
                 start = time.monotonic() - args.seconds
@@ -79,7 +77,7 @@ def main() -> None:
                     summary(latencies)["p99"] for peer in peers if (latencies := peer.latencies_ms(start, time.monotonic()))
                 ]
                 by_sessions[str(count)] = {
-                    "client_busy": client_busy,
+                    "client_busy": window.client_busy,
                     "throughput_fps": round(sum(window.fps), 1),
                     "fps_per_session": [round(fps, 1) for fps in window.fps],
                     "latency_ms": summary(window.latency_ms),

@@ -222,13 +222,16 @@ class Window:
     readable: float  # share of received frames whose index could be read
     # (seconds since the window opened, latency ms) of every readable frame, in order.
     timeline: list[tuple[float, float]]
+    # The client's CPU time over the window's (1.0: its core was full, its own stalls are in the figures).
+    client_busy: float
 
 
 async def observe(peers: list[BenchPeer], seconds: float) -> Window:
     """Let ``peers`` stream for ``seconds``; what their clients received meanwhile."""
-    start = time.monotonic()
+    start, cpu_before = time.monotonic(), time.process_time()
     await asyncio.sleep(seconds)
     end = time.monotonic()
+    client_busy = round((time.process_time() - cpu_before) / seconds, 2)
     received = sum(peer.frame_count(start, end) for peer in peers)
     timeline = sorted(
         (arrived - start, latency * 1000)
@@ -241,4 +244,5 @@ async def observe(peers: list[BenchPeer], seconds: float) -> Window:
         latency_ms=[latency for _, latency in timeline],
         readable=round(len(timeline) / received, 3) if received else 0.0,
         timeline=timeline,
+        client_busy=client_busy,
     )
